@@ -1,0 +1,184 @@
+"""The job configuration: one frozen dataclass per concern, composed by `JobConfig`.
+
+Every field has a type the loader checks and a default that matches the tiny CPU run unless
+noted. Values are never rewritten after loading; derived values are properties. Cross-field
+rules live in `k2train.config.checks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN context extension (K2: factor 32 from 4096 to 131072, applied after pre-training)."""
+
+    factor: float = 32.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 1.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The K2 architecture family (K2_REFERENCE §1); names follow the DeepseekV3 config."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 3
+    # The first layers use a dense SwiGLU FFN instead of MoE (`first_k_dense_replace`).
+    first_dense_layers: int = 1
+    dense_intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    num_experts: int = 8
+    experts_per_token: int = 2
+    num_shared_experts: int = 1
+    routed_scaling_factor: float = 2.827
+    num_heads: int = 4
+    q_lora_rank: int = 32
+    kv_lora_rank: int = 16
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 50000.0
+    max_position_embeddings: int = 4096
+    # None: plain RoPE (pre-training); a YarnConfig: YaRN-extended positions.
+    yarn: YarnConfig | None = None
+    init_std: float = 0.02
+    # Aux-loss-free balancing: bias += rate * sign(mean load - load), per optimizer step.
+    router_bias_update_rate: float = 1e-3
+    # "grouped_mm" (torch._grouped_mm) or "loop" (the per-expert reference).
+    expert_impl: str = "grouped_mm"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The layout (DESIGN §2). world = pp * ep * dp; dp None means "what the world size leaves"."""
+
+    pp: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B).
+    vp: int = 1
+    ep: int = 1
+    dp: int | None = 1
+    # Axes from fastest-varying to slowest, e.g. "ep,pp,dp" keeps EP groups inside a node.
+    rank_order: str = "ep,pp,dp"
+    gpus_per_node: int = 8
+    # "interleaved_1f1b" or "interleaved_zero_bubble".
+    schedule: str = "interleaved_1f1b"
+    # "cpu", "cuda" or "auto" (cuda when available).
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """MuonClip (K2_REFERENCE §2) with AdamW for non-matrix parameters, and the WSD schedule (§4)."""
+
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    weight_decay: float = 0.1
+    muon_momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    # Update-RMS matching: O * update_rms * sqrt(max(n, m)).
+    update_rms: float = 0.2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    qk_clip: bool = True
+    qk_clip_tau: float = 100.0
+    # Global gradient-norm clipping; 0 turns it off.
+    max_grad_norm: float = 1.0
+    # WSD: linear warm-up, constant, then cosine from lr to min_lr.
+    warmup_steps: int = 500
+    stable_steps: int = 149_012
+    decay_steps: int = 81_956
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Activation and optimizer-state memory features (K2_REFERENCE §3, DESIGN §4)."""
+
+    fp8_activations: bool = False
+    selective_recompute: bool = False
+    activation_offload: bool = False
+    optimizer_offload: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Pre-tokenised Megatron indexed data (.bin + .idx), or the embedded default corpus."""
+
+    # Path prefix of a .bin/.idx pair; "" uses the embedded default corpus.
+    prefix: str = ""
+    seq_len: int = 64
+    seed: int = 1234
+    # Used only to prepare the default corpus: "byte" or a path to a HF tokenizer.json.
+    tokenizer: str = "byte"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Batch sizes, length of the run and numerics."""
+
+    steps: int = 60
+    # Tokens per optimizer step over all data-parallel replicas (K2: 16384 x 4096).
+    global_batch_tokens: int = 2048
+    # Sequences per micro-batch on one rank.
+    micro_batch_size: int = 4
+    seed: int = 0
+    # "float32" or "bfloat16" model parameters; master weights and gradients stay float32.
+    param_dtype: str = "float32"
+    # Stop when loss is NaN or inf (the run's last good metrics are printed).
+    stop_on_nonfinite: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Sharded checkpoints (written by the checkpoint subsystem; 0 = never save)."""
+
+    dir: str = ""
+    every_steps: int = 0
+    keep_last: int = 3
+    async_save: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where a run writes and what it shows."""
+
+    run_root: str = "runs"
+    # "" names the run by config name and start time.
+    run_name: str = ""
+    log_every: int = 1
+    progress_bar: bool = True
+    wandb: bool = True
+    wandb_project: str = "k2train"
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole run. `name` is the config's file stem unless set."""
+
+    name: str = "k2_tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
