@@ -134,7 +134,7 @@ class TrainConfig:
     """Batch sizes, length of the run and numerics."""
 
     steps: int = 60
-    # Tokens per optimizer step over all data-parallel replicas (K2: 16384 x 4096).
+    # Tokens per optimizer step over all ep x dp sequence ranks (K2: 16384 x 4096).
     global_batch_tokens: int = 2048
     # Sequences per micro-batch on one rank.
     micro_batch_size: int = 4
@@ -149,6 +149,7 @@ class TrainConfig:
 class CheckpointConfig:
     """Sharded checkpoints (written by the checkpoint subsystem; 0 = never save)."""
 
+    # "" saves under the run directory.
     dir: str = ""
     every_steps: int = 0
     keep_last: int = 3

@@ -1,0 +1,5 @@
+import sys
+
+from k2train.cli import main
+
+sys.exit(main())

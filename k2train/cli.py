@@ -1,0 +1,52 @@
+"""The `k2train` command line: `train` and `data` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from k2train.config.checks import ConfigError
+from k2train.data.errors import DataError
+from k2train.data.prepare import add_data_parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    # Imported here so `k2train data ...` and `--help` stay quick.
+    from k2train.config.load import load_config
+    from k2train.train.loop import NonFiniteLossError, train
+
+    cfg = load_config(args.config, args.set)
+    try:
+        train(cfg)
+    except NonFiniteLossError as err:
+        print(f"k2train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k2train", description="Train Kimi-K2-architecture MoE models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("--config", required=True, metavar="FILE", help="a YAML job config, e.g. configs/k2_tiny.yaml")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optimizer.lr=3e-4 (repeatable)",
+    )
+    train.set_defaults(func=_run_train)
+    add_data_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, NotImplementedError, FileExistsError, FileNotFoundError) as err:
+        # Errors meant for people: one sentence, no traceback.
+        print(f"k2train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The training loop and CLI end to end on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from k2train.cli import main
+from k2train.config.load import load_config
+from k2train.data.prepare import prepare_dataset
+from k2train.model import K2Model
+from k2train.optim.muon_clip import MuonClip
+from k2train.train.loop import NonFiniteLossError, train
+from k2train.train.metrics import read_metrics
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "k2_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A small byte-tokenised dataset of this repository's own Python sources."""
+    out = tmp_path_factory.mktemp("data") / "sources"
+    files = sorted((ROOT / "k2train").rglob("*.py"))
+    prepare_dataset(files, out, "byte")
+    return str(out)
+
+
+def tiny(tmp_path: Path, corpus: str, *overrides: str):
+    base = [
+        f"data.prefix={corpus}", f"logging.run_root={tmp_path}", "logging.run_name=run", "logging.wandb=false",
+        "logging.progress_bar=false", "train.global_batch_tokens=512",
+    ]
+    return load_config(TINY, [*base, *overrides])
+
+
+def test_tiny_run_learns_and_writes_its_run_directory(tmp_path, corpus):
+    cfg = tiny(
+        tmp_path, corpus, "train.steps=16", "optimizer.warmup_steps=2", "optimizer.stable_steps=14",
+        "optimizer.decay_steps=1",
+    )
+    result = train(cfg)
+    header, steps = read_metrics(result.run_dir / "metrics.jsonl")
+    first_line = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert {k: first_line[k] for k in ("world_size", "pp", "vp", "ep", "dp")} == dict(
+        world_size=1, pp=1, vp=1, ep=1, dp=1
+    )
+    assert [s["step"] for s in steps] == list(range(1, 17))
+    for record in steps:
+        assert {"loss", "lr", "tokens_per_s"} <= record.keys()
+        assert len(record["max_logit"]) == cfg.model.num_layers
+        assert len(record["expert_load"]) == cfg.model.num_moe_layers
+        assert sum(record["expert_load"][0]) == pytest.approx(1.0)
+    assert steps[-1]["tokens"] == 16 * 512
+    first, last = sum(s["loss"] for s in steps[:3]) / 3, sum(s["loss"] for s in steps[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    for name in ("loss.png", "max_logit.png", "expert_load.png"):
+        assert (result.run_dir / name).stat().st_size > 0
+    assert load_config(result.run_dir / "config.yaml") == cfg
+
+
+def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path, corpus, monkeypatch):
+    """Two micro-batches of 4 sequences give the gradients, max logits and expert loads of one
+    micro-batch of 8. (Gradients, not updated weights: Newton-Schulz runs in bf16, where
+    float32 rounding differences of the accumulation order can flip a bf16 rounding.)"""
+    seen = []
+    step = MuonClip.step
+    qk_clip = MuonClip.qk_clip_
+
+    def capture_step(self, closure=None):
+        seen.append({n: p.grad.clone() for g in self.param_groups for n, p in zip(g["param_names"], g["params"])})
+        return step(self, closure)
+
+    def capture_qk_clip(self, max_logits_LH):
+        seen[-1]["max_logits"] = max_logits_LH.clone()
+        return qk_clip(self, max_logits_LH)
+
+    monkeypatch.setattr(MuonClip, "step", capture_step)
+    monkeypatch.setattr(MuonClip, "qk_clip_", capture_qk_clip)
+    for micro in (4, 8):
+        train(tiny(tmp_path / str(micro), corpus, "train.steps=1", f"train.micro_batch_size={micro}",
+                   "logging.plots=false"))
+    accumulated, single = seen
+    assert accumulated.keys() == single.keys()
+    for name in accumulated:
+        torch.testing.assert_close(accumulated[name], single[name], rtol=1e-5, atol=1e-7, msg=name)
+    loads = [read_metrics(tmp_path / str(m) / "run")[1][0]["expert_load"] for m in (4, 8)]
+    assert loads[0] == loads[1]
+
+
+def test_nonfinite_loss_stops_with_step_and_last_good_metrics(tmp_path, corpus, monkeypatch):
+    calls = {"n": 0}
+    forward = K2Model.forward
+
+    def poisoned(self, tokens):
+        calls["n"] += 1
+        out = forward(self, tokens)
+        if calls["n"] > 2 * 2:  # two micro-batches per step: steps 1-2 are clean, step 3 is not
+            out.logits_BSV = out.logits_BSV * float("nan")
+        return out
+
+    monkeypatch.setattr(K2Model, "forward", poisoned)
+    cfg = tiny(tmp_path, corpus, "train.steps=5")
+    with pytest.raises(NonFiniteLossError, match=r"step 3") as err:
+        train(cfg)
+    assert "step 2" in str(err.value)
+    _, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [s["step"] for s in steps] == [1, 2]
+
+
+def test_unimplemented_features_refuse_to_start(tmp_path, corpus):
+    with pytest.raises(NotImplementedError, match="parallel pp=2"):
+        train(tiny(tmp_path, corpus, "parallel.pp=2"))
+    with pytest.raises(NotImplementedError, match="memory.fp8_activations"):
+        train(tiny(tmp_path, corpus, "memory.fp8_activations=true"))
+
+
+def test_cli_reports_bad_input_in_one_sentence(tmp_path, capsys):
+    assert main(["train", "--config", str(TINY), "--set", "optimizer.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("k2train: error:") and "optimizer.lrr" in err and "\n" not in err
+    missing = tmp_path / "nothing"
+    assert main(["train", "--config", str(TINY), "--set", f"data.prefix={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(missing) in err and "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "k2train", "train", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--set" in result.stdout
