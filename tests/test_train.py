@@ -39,12 +39,14 @@ def tiny(tmp_path: Path, corpus: str, *overrides: str):
     return load_config(TINY, [*base, *overrides])
 
 
-def test_tiny_run_learns_and_writes_its_run_directory(tmp_path, corpus):
+def test_tiny_run_learns_and_writes_its_run_directory(tmp_path, corpus, capsys):
     cfg = tiny(
         tmp_path, corpus, "train.steps=16", "optimizer.warmup_steps=2", "optimizer.stable_steps=14",
         "optimizer.decay_steps=1",
     )
     result = train(cfg)
+    printed = capsys.readouterr().out
+    assert f"run directory {result.run_dir}" in printed and "step 16/16  loss" in printed
     header, steps = read_metrics(result.run_dir / "metrics.jsonl")
     first_line = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert {k: first_line[k] for k in ("world_size", "pp", "vp", "ep", "dp")} == dict(
@@ -111,6 +113,7 @@ def test_nonfinite_loss_stops_with_step_and_last_good_metrics(tmp_path, corpus, 
     assert "step 2" in str(err.value)
     _, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [s["step"] for s in steps] == [1, 2]
+    assert (tmp_path / "run" / "loss.png").is_file()
 
 
 def test_unimplemented_features_refuse_to_start(tmp_path, corpus):

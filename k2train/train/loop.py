@@ -111,7 +111,12 @@ def train(cfg: JobConfig) -> RunResult:
         run_dir, header, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
         config=config_to_dict(cfg), run_name=run_dir.name,
     ) as log:
-        last = _run_steps(cfg, model, optimizer, sampler, device, log)
+        try:
+            last = _run_steps(cfg, model, optimizer, sampler, device, log)
+        except NonFiniteLossError:
+            log.close(failed=True)
+            _finish(cfg, run_dir)  # the plots and summary of the steps that were good
+            raise
     _finish(cfg, run_dir)
     return RunResult(run_dir, last)
 
@@ -152,13 +157,24 @@ def _run_steps(cfg, model, optimizer, sampler, device, log: MetricsLog) -> float
             tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / step_time,
             router_biases=model.router_biases(), elapsed=time.perf_counter() - started,
         )
+        last_good = record
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
             log.log_step(record)
-        last_good = record
+            if not cfg.logging.progress_bar:  # cluster logs: one line per logged step instead of a bar
+                print(_step_line(record, cfg.train.steps), flush=True)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
     bar.close()
     return loss
+
+
+def _step_line(record: dict, steps: int) -> str:
+    clipped = sum(record["qk_clipped_heads"])
+    return (
+        f"step {record['step']}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
+        f"grad norm {record['grad_norm']:.3f}  max logit {max(record['max_logit_layer']):.2f}"
+        f"{f'  qk-clipped {clipped}' if clipped else ''}  {record['tokens_per_s']:.0f} tokens/s"
+    )
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
