@@ -128,9 +128,11 @@ def test_cli_reports_bad_input_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("k2train: error:") and "optimizer.lrr" in err and "\n" not in err
     missing = tmp_path / "nothing"
-    assert main(["train", "--config", str(TINY), "--set", f"data.prefix={missing}"]) == 2
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(TINY), "--set", f"data.prefix={missing}", "--set", f"logging.run_root={runs}"]) == 2
     err = capsys.readouterr().err.strip()
     assert str(missing) in err and "Traceback" not in err
+    assert not runs.exists()  # nothing half-written
 
 
 def test_python_dash_m_runs_the_cli():

@@ -93,12 +93,12 @@ def train(cfg: JobConfig) -> RunResult:
     check_supported(cfg)
     validate_world(cfg, 1, "the launched world of one process")
     device = resolve_device(cfg.parallel.device)
+    sampler = open_sampler(cfg)  # bad data stops the run before it leaves a directory behind
     run_dir = make_run_dir(cfg)
     print(f"k2train: run directory {run_dir}")
     print(dump_config(cfg), end="")
     save_config(cfg, run_dir / "config.yaml")
 
-    sampler = open_sampler(cfg)
     torch.manual_seed(cfg.train.seed)
     model = K2Model(cfg.model).to(device=device, dtype=getattr(torch, cfg.train.param_dtype))
     optimizer = MuonClip.from_config(model, cfg.optimizer)

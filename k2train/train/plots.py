@@ -82,12 +82,16 @@ def _max_logit_figure(name: str, steps: Sequence[dict[str, Any]], tau: float | N
     x = [record["step"] for record in steps]
     per_layer = np.array([_finite(r["max_logit_layer"]) for r in steps]).reshape(len(x), -1)
     _per_layer_lines(fig, ax, x, per_layer.T, list(range(per_layer.shape[1])))
-    if tau is not None:
+    title = f"{name}: attention max logit per layer"
+    # Drawn only when the logits come near it: a far-off line would flatten every curve.
+    if tau is not None and np.nanmax(per_layer, initial=-np.inf) >= tau / 4:
         ax.axhline(tau, color="black", ls="--", lw=1.2, label=f"QK-Clip τ = {tau:g}")
+    elif tau is not None:
+        title += f" (QK-Clip τ = {tau:g}, far above)"
     _legend_right(fig, ax)
     _step_axis(ax, x)
     ax.set_ylabel("max pre-softmax logit (max over heads)")
-    ax.set_title(f"{name}: attention max logit per layer")
+    ax.set_title(title)
     return fig
 
 
