@@ -134,10 +134,10 @@ def test_round_trip_keeps_yarn_null_dp_and_float_tuples(tmp_path):
 
 
 def test_overrides_are_typed_nested_and_nullable(tmp_path):
-    cfg = load_config(TINY, ["optimizer.lr=3e-4", "train.steps=10", "optimizer.nesterov=false",
+    cfg = load_config(TINY, ["optimizer.lr=3e-2", "train.steps=10", "optimizer.nesterov=false",
                              "model.yarn.factor=2", "optimizer.ns_coefficients=[1,2,3]",
                              "data.prefix=", "name=other"])
-    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.optimizer.lr == 3e-2 and isinstance(cfg.optimizer.lr, float)
     assert cfg.train.steps == 10 and cfg.optimizer.nesterov is False
     # yarn is null in the file: a nested key starts it from its defaults.
     assert cfg.model.yarn == YarnConfig(factor=2.0)
@@ -275,7 +275,7 @@ def test_value_rules_name_file_keys_and_values(overrides, expected):
 
 def test_value_rules_accept_their_boundaries():
     cfg = load_config(TINY, ["model.experts_per_token=8", "model.first_dense_layers=3",
-                             "model.num_shared_experts=0", "optimizer.min_lr=3e-3",
+                             "model.num_shared_experts=0", "optimizer.min_lr=1e-2",
                              "optimizer.muon_momentum=0", "data.seq_len=256",
                              "train.global_batch_tokens=1024"])
     assert cfg.model.num_moe_layers == 0
