@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from k2train.config.schema import ModelConfig, YarnConfig
-from k2train.model import K2Model, count_parameters
+from k2train.model import K2Model, ModelPart, count_parameters
 from k2train.model.hf_names import from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from k2train.model.moe import update_router_bias_
 
@@ -162,3 +162,29 @@ def test_model_code_never_imports_torch_distributed():
             else:
                 continue
             assert not any(n.startswith("torch.distributed") for n in names), f"{path}: {names}"
+
+
+def test_a_part_starts_from_the_same_weights_as_the_whole_model():
+    """A pipeline stage holding an expert slice draws exactly the whole model's values for its parameters."""
+    whole = K2Model(PARITY_CFG, seed=7).state_dict()
+    part = K2Model(
+        PARITY_CFG, ModelPart(range(2, 4), embedding=False, head=True, first_expert=4, num_local_experts=4), seed=7
+    )
+    for name, tensor in part.state_dict().items():
+        expected = whole[name][4:8] if ".mlp.experts." in name else whole[name]
+        assert torch.equal(tensor, expected), name
+    assert "embed_tokens.weight" not in part.state_dict() and "layers.1.mlp.gate.weight" not in part.state_dict()
+    assert not torch.equal(K2Model(PARITY_CFG, seed=8).state_dict()["lm_head.weight"], whole["lm_head.weight"])
+
+
+def test_parts_chained_equal_the_whole_model():
+    whole = K2Model(PARITY_CFG, seed=3)
+    first = K2Model(PARITY_CFG, ModelPart(range(0, 2), embedding=True, head=False), seed=3)
+    last = K2Model(PARITY_CFG, ModelPart(range(2, 4), embedding=False, head=True), seed=3)
+    tokens = torch.randint(0, PARITY_CFG.vocab_size, (2, 12))
+    out_first = first(tokens)
+    out_last = last(out_first.output)
+    reference = whole(tokens)
+    torch.testing.assert_close(out_last.output, reference.output, rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.cat([out_first.max_logits_LH, out_last.max_logits_LH]), reference.max_logits_LH)
+    assert torch.equal(torch.cat([out_first.expert_counts_ME, out_last.expert_counts_ME]), reference.expert_counts_ME)

@@ -103,7 +103,7 @@ def test_nonfinite_loss_stops_with_step_and_last_good_metrics(tmp_path, corpus, 
         calls["n"] += 1
         out = forward(self, tokens)
         if calls["n"] > 2 * 2:  # two micro-batches per step: steps 1-2 are clean, step 3 is not
-            out.logits_BSV = out.logits_BSV * float("nan")
+            out.output = out.output * float("nan")
         return out
 
     monkeypatch.setattr(K2Model, "forward", poisoned)

@@ -81,6 +81,7 @@ _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("parallel.schedule", SCHEDULES),
     ("parallel.device", DEVICES),
     ("train.param_dtype", PARAM_DTYPES),
+    ("optimizer.ns_dtype", PARAM_DTYPES),
 )
 
 _NON_EMPTY = ("data.tokenizer", "logging.run_root", "logging.wandb_project")

@@ -92,6 +92,8 @@ class OptimizerConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    # Newton-Schulz runs in bf16 (K2_REFERENCE §2); "float32" is for exactness checks across layouts.
+    ns_dtype: str = "bfloat16"
     # Update-RMS matching: O * update_rms * sqrt(max(n, m)).
     update_rms: float = 0.2
     adam_beta1: float = 0.9

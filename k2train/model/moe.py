@@ -5,11 +5,17 @@ for top-k *selection only*; the combine weights are the unbiased scores of the c
 normalised to sum 1 and multiplied by `routed_scaling_factor`. No expert grouping, no token dropping.
 The bias is a buffer, moved by `update_router_bias_` from the step's expert loads (DeepSeek-V3's
 aux-loss-free rule), never by gradients.
+
+The routed path is: sort the (token, expert) pairs by expert, hand the sorted rows to an
+`ExpertExchange`, which returns each row's expert output, then weight and scatter-add them back to
+their tokens. On one process the exchange runs the experts in place; with expert parallelism
+(`parallel/expert_parallel.py`) it sends rows to the rank owning their expert and back. The model
+only sees the interface, so it stays free of torch.distributed.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +28,9 @@ from k2train.model.ffn import SwiGLU
 class Routing(NamedTuple):
     """The router's decision for T tokens with top-k experts each."""
 
-    expert_TK: torch.Tensor  # int64 expert ids
+    expert_TK: torch.Tensor  # int64 global expert ids
     weight_TK: torch.Tensor  # combine weights, float32
-    counts_E: torch.Tensor  # int64 tokens routed to each expert
+    counts_E: torch.Tensor  # int64 tokens routed to each of the E experts
 
 
 class Router(nn.Module):
@@ -46,65 +52,75 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E routed SwiGLU experts stored as 3-D tensors [E, out, in] (each slice is one expert's matrix)."""
+    """Routed SwiGLU experts first_expert .. first_expert+num_local-1, stored as 3-D tensors
+    [E_local, out, in] (each slice is one expert's matrix, as in the checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, first_expert: int = 0, num_local: int | None = None):
         super().__init__()
-        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        E = cfg.num_experts if num_local is None else num_local
+        D, I = cfg.hidden_size, cfg.moe_intermediate_size
+        self.first_expert = first_expert
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.impl = cfg.expert_impl
 
-    def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if self.impl == "loop":
-            return self.forward_loop(x_TD, routing)
-        return self.forward_grouped(x_TD, routing)
+    @property
+    def num_local(self) -> int:
+        return self.gate_proj.shape[0]
 
-    def forward_grouped(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Sort the T*k (token, expert) pairs by expert and run each weight once with torch._grouped_mm."""
-        top_k = routing.expert_TK.shape[1]
-        order_N = torch.argsort(routing.expert_TK.flatten(), stable=True)
-        token_N = order_N // top_k
-        offsets_E = torch.cumsum(routing.counts_E, dim=0).to(torch.int32)
-        x_ND = x_TD[token_N]
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows of x_ND sorted by local expert, counts_E[e] rows for expert e -> their outputs."""
+        if self.impl == "loop":
+            return self.forward_loop(x_ND, counts_E)
+        offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         gate_NI = torch._grouped_mm(x_ND, self.gate_proj.transpose(-2, -1), offs=offsets_E)
         up_NI = torch._grouped_mm(x_ND, self.up_proj.transpose(-2, -1), offs=offsets_E)
-        y_ND = torch._grouped_mm(F.silu(gate_NI) * up_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)
-        y_ND = y_ND * routing.weight_TK.flatten()[order_N, None].to(y_ND.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        return torch._grouped_mm(F.silu(gate_NI) * up_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)
 
-    def forward_loop(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The reference: one plain SwiGLU per expert over the tokens routed to it."""
-        out_TD = torch.zeros_like(x_TD)
-        for e in range(self.gate_proj.shape[0]):
-            token_M, slot_M = torch.where(routing.expert_TK == e)
-            if token_M.numel() == 0:
-                continue
-            x_MD = x_TD[token_M]
+    def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The reference: one plain SwiGLU per expert over its rows."""
+        outputs = []
+        for e, x_MD in enumerate(x_ND.split(counts_E.tolist())):
             h_MI = F.silu(x_MD @ self.gate_proj[e].T) * (x_MD @ self.up_proj[e].T)
-            y_MD = (h_MI @ self.down_proj[e].T) * routing.weight_TK[token_M, slot_M, None].to(x_TD.dtype)
-            out_TD.index_add_(0, token_M, y_MD)
-        return out_TD
+            outputs.append(h_MI @ self.down_proj[e].T)
+        return torch.cat(outputs)
+
+
+class ExpertExchange(Protocol):
+    """Runs the routed experts on rows sorted by global expert id (counts_E rows per expert)."""
+
+    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor: ...
+
+
+def local_exchange(x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """All experts live here: run them directly."""
+    return experts(x_ND, counts_E)
 
 
 class MoE(nn.Module):
     """x_BSD -> (y_BSD, counts_E): routed experts plus always-on shared experts."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, first_expert: int = 0, num_local_experts: int | None = None):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, first_expert, num_local_experts)
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
             if cfg.num_shared_experts > 0
             else None
         )
+        self.exchange: ExpertExchange = local_exchange
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.gate(x_TD)
-        y_TD = self.experts(x_TD, routing)
+        top_k = routing.expert_TK.shape[1]
+        order_N = torch.argsort(routing.expert_TK.flatten(), stable=True)
+        token_N = order_N // top_k
+        y_ND = self.exchange(x_TD[token_N], routing.counts_E, self.experts)
+        y_ND = y_ND * routing.weight_TK.flatten()[order_N, None].to(y_ND.dtype)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view_as(x_BSD), routing.counts_E

@@ -16,6 +16,7 @@ from torch import nn
 from k2train.config.schema import ModelConfig
 from k2train.model.attention import MLA
 from k2train.model.ffn import SwiGLU
+from k2train.model.init import normal_init_
 from k2train.model.moe import MoE, update_router_bias_
 from k2train.model.norm import RMSNorm
 from k2train.model.rope import rope_cos_sin, rope_inv_freq, softmax_scale
@@ -23,21 +24,45 @@ from k2train.model.rope import rope_cos_sin, rope_inv_freq, softmax_scale
 
 @dataclass
 class ModelOutput:
-    logits_BSV: torch.Tensor
-    max_logits_LH: torch.Tensor  # per layer, per head: max pre-softmax logit of this forward (detached)
-    expert_counts_ME: torch.Tensor  # per MoE layer, per expert: tokens routed (int64)
+    output: torch.Tensor  # logits_BSV when the part has the head, else hidden states x_BSD
+    max_logits_LH: torch.Tensor  # per layer of the part, per head: max pre-softmax logit (detached)
+    expert_counts_ME: torch.Tensor  # per MoE layer of the part, per expert: tokens routed (int64)
+
+    @property
+    def logits_BSV(self) -> torch.Tensor:
+        return self.output
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """Which piece of the model a module holds: a pipeline stage's layers, whether it has the
+    embedding and the head, and which routed experts (an expert-parallel rank's slice)."""
+
+    layers: range
+    embedding: bool = True
+    head: bool = True
+    first_expert: int = 0
+    num_local_experts: int | None = None  # None: all experts
+
+    @classmethod
+    def whole(cls, cfg: ModelConfig) -> ModelPart:
+        return cls(range(cfg.num_layers))
 
 
 class Block(nn.Module):
     """Pre-norm decoder layer: x + MLA(norm(x)), then x + FFN(norm(x)), FFN dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, first_expert: int = 0, num_local_experts: int | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg, softmax_scale(cfg))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = layer_idx >= cfg.first_dense_layers
-        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
+        self.mlp = (
+            MoE(cfg, first_expert, num_local_experts)
+            if self.is_moe
+            else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
+        )
 
     def forward(
         self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor
@@ -52,51 +77,73 @@ class Block(nn.Module):
 
 
 class K2Model(nn.Module):
-    """tokens_BS -> ModelOutput. Parameter names match DeepseekV3 without the `model.` prefix."""
+    """The K2 decoder, or one part of it (a pipeline stage, an expert slice).
 
-    def __init__(self, cfg: ModelConfig):
+    tokens_BS (or x_BSD for a part without the embedding) -> ModelOutput. Parameter names match
+    DeepseekV3 without the `model.` prefix, also in a part (`layers.{i}` keeps the global index),
+    and initial values depend only on (seed, name), so every layout starts from the same weights.
+    """
+
+    def __init__(self, cfg: ModelConfig, part: ModelPart | None = None, seed: int = 0):
         super().__init__()
         check_grouped_mm_alignment(cfg)
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.part = ModelPart.whole(cfg) if part is None else part
+        self.seed = seed
+        p = self.part
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if p.embedding else None
+        self.layers = nn.ModuleDict(
+            {str(i): Block(cfg, i, p.first_expert, p.num_local_experts) for i in p.layers}
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if p.head else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if p.head else None
         inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for every matrix and expert tensor, ones for norms, zero router bias."""
+        """N(0, init_std) keyed by name for matrices and experts, ones for norms, zero router bias.
+        Parameters on the meta device (shape-only models) are left alone."""
         for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 param.fill_(1.0)
             else:
-                param.normal_(0.0, self.cfg.init_std)
+                first_expert = self.part.first_expert if ".mlp.experts." in name else None
+                normal_init_(param, name, self.seed, self.cfg.init_std, first_expert)
         for bias in self.router_biases():
             bias.zero_()
 
-    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
-        x_BSD = self.embed_tokens(tokens_BS)
-        cos_SF, sin_SF = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, tokens_BS.shape[1], x_BSD.dtype)
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        x_BSD = self.embed_tokens(x) if self.embed_tokens is not None else x
+        cos_SF, sin_SF = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, x.shape[1], x_BSD.dtype)
         max_logits, counts = [], []
-        for block in self.layers:
+        for block in self.layers.values():
             x_BSD, max_logit_H, counts_E = block(x_BSD, cos_SF, sin_SF)
             max_logits.append(max_logit_H)
             if counts_E is not None:
                 counts.append(counts_E)
-        logits_BSV = self.lm_head(self.norm(x_BSD))
-        counts_ME = torch.stack(counts) if counts else torch.zeros(0, self.cfg.num_experts, dtype=torch.int64)
-        return ModelOutput(logits_BSV, torch.stack(max_logits), counts_ME)
+        out = self.lm_head(self.norm(x_BSD)) if self.lm_head is not None else x_BSD
+        device = x_BSD.device
+        max_logits_LH = torch.stack(max_logits) if max_logits else torch.zeros(0, self.cfg.num_heads, device=device)
+        counts_ME = (
+            torch.stack(counts) if counts else torch.zeros(0, self.cfg.num_experts, dtype=torch.int64, device=device)
+        )
+        return ModelOutput(out, max_logits_LH, counts_ME)
+
+    def moe_layers(self) -> list[int]:
+        """Global indices of this part's MoE layers, in order."""
+        return [int(i) for i, block in self.layers.items() if block.is_moe]
 
     def attention_modules(self) -> Iterator[MLA]:
         """The MLA modules in layer order (QK-Clip's targets)."""
-        return (block.self_attn for block in self.layers)
+        return (block.self_attn for block in self.layers.values())
 
     def router_biases(self) -> list[torch.Tensor]:
         """The aux-loss-free selection biases of the MoE layers, in layer order."""
-        return [block.mlp.gate.e_score_correction_bias for block in self.layers if block.is_moe]
+        return [block.mlp.gate.e_score_correction_bias for block in self.layers.values() if block.is_moe]
 
     def update_router_biases_(self, counts_ME: torch.Tensor, rate: float) -> None:
         """Apply the step's summed expert loads to every MoE layer's selection bias."""

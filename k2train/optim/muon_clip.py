@@ -84,6 +84,7 @@ class MuonClip(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         ns_coefficients: tuple[float, float, float] = K2_NS_COEFFICIENTS,
+        ns_dtype: torch.dtype = torch.bfloat16,
         update_rms: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -99,7 +100,7 @@ class MuonClip(torch.optim.Optimizer):
             raise ValueError(f"Newton-Schulz steps {ns_steps} must be at least 1 (optimizer.ns_steps).")
         muon = dict(
             use_muon=True, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-            ns_coefficients=tuple(ns_coefficients), update_rms=update_rms,
+            ns_coefficients=tuple(ns_coefficients), ns_dtype=ns_dtype, update_rms=update_rms,
         )
         adamw = dict(use_muon=False, betas=betas, eps=eps)
         groups = [{"params": muon_named, **muon}, {"params": adamw_named, **adamw}]
@@ -115,6 +116,7 @@ class MuonClip(torch.optim.Optimizer):
         return cls(
             muon_named, adamw_named, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
             nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, ns_coefficients=cfg.ns_coefficients,
+            ns_dtype=getattr(torch, cfg.ns_dtype),
             update_rms=cfg.update_rms, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             attention_modules=attention, qk_clip_tau=cfg.qk_clip_tau if cfg.qk_clip else None,
         )
@@ -158,7 +160,7 @@ class MuonClip(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(p.grad)
             ns_inputs.append(p.grad.add(buf, alpha=mu) if group["nesterov"] else buf)
-        updates = newton_schulz_many(ns_inputs, group["ns_steps"], group["ns_coefficients"])
+        updates = newton_schulz_many(ns_inputs, group["ns_steps"], group["ns_coefficients"], group["ns_dtype"])
         lr, wd = group["lr"], group["weight_decay"]
         for p, update in zip(params, updates):
             scale = group["update_rms"] * math.sqrt(max(p.shape[-2], p.shape[-1]))

@@ -100,7 +100,7 @@ def train(cfg: JobConfig) -> RunResult:
     save_config(cfg, run_dir / "config.yaml")
 
     torch.manual_seed(cfg.train.seed)
-    model = K2Model(cfg.model).to(device=device, dtype=getattr(torch, cfg.train.param_dtype))
+    model = K2Model(cfg.model, seed=cfg.train.seed).to(device=device, dtype=getattr(torch, cfg.train.param_dtype))
     optimizer = MuonClip.from_config(model, cfg.optimizer)
     total, active = count_parameters(cfg.model)
     header = dict(
@@ -139,7 +139,7 @@ def _run_steps(cfg, model, optimizer, sampler, device, log: MetricsLog) -> float
         for _ in range(micro_batches):
             inputs_BS, labels_BS = (t.to(device) for t in sampler.next_batch(cfg.train.micro_batch_size))
             out = model(inputs_BS)
-            micro_loss = F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), labels_BS.flatten())
+            micro_loss = F.cross_entropy(out.output.flatten(0, 1).float(), labels_BS.flatten())
             (micro_loss / micro_batches).backward()
             stats.add_micro_batch(micro_loss.detach(), out)
         loss = stats.mean_loss(micro_batches)
