@@ -1,5 +1,7 @@
+"""`python -m k2train`: the command line, whose entry point lives with the launchers (launch/cli.py)."""
+
 import sys
 
-from k2train.cli import main
+from launch.cli import main
 
 sys.exit(main())

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from k2train.cli import main
+from launch.cli import main
 from k2train.config.load import load_config
 from k2train.data.prepare import prepare_dataset
 from k2train.model import K2Model
 from k2train.optim.muon_clip import MuonClip
-from k2train.train.loop import NonFiniteLossError, train
+from k2train.train.loop import NonFiniteLossError
 from k2train.train.metrics import read_metrics
+from parallel.trainer import run_training as train
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"
@@ -116,11 +117,12 @@ def test_nonfinite_loss_stops_with_step_and_last_good_metrics(tmp_path, corpus, 
     assert (tmp_path / "run" / "loss.png").is_file()
 
 
-def test_unimplemented_features_refuse_to_start(tmp_path, corpus):
-    with pytest.raises(NotImplementedError, match="parallel pp=2"):
-        train(tiny(tmp_path, corpus, "parallel.pp=2"))
+def test_unimplemented_features_and_unfit_layouts_refuse_to_start(tmp_path, corpus):
+    with pytest.raises(ValueError, match=r"world of 1 ranks is not a multiple of parallel.pp 2"):
+        train(tiny(tmp_path, corpus, "parallel.pp=2", "parallel.dp=null"))
     with pytest.raises(NotImplementedError, match="memory.fp8_activations"):
         train(tiny(tmp_path, corpus, "memory.fp8_activations=true"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_reports_bad_input_in_one_sentence(tmp_path, capsys):

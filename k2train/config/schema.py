@@ -77,6 +77,8 @@ class ParallelConfig:
     gpus_per_node: int = 8
     # "interleaved_1f1b" or "interleaved_zero_bubble".
     schedule: str = "interleaved_1f1b"
+    # Layers of each of the pp * vp virtual stages, in stage order; None splits them evenly.
+    stage_layers: tuple[int, ...] | None = None
     # "cpu", "cuda" or "auto" (cuda when available).
     device: str = "cpu"
 

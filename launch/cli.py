@@ -1,4 +1,7 @@
-"""The `k2train` command line: `train` and `data` subcommands."""
+"""The `k2train` command line: `train`, `data` and `layout` subcommands.
+
+`k2train train` runs as one process or as each rank of a torchrun / Slurm launch.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,18 @@ import sys
 from k2train.config.checks import ConfigError
 from k2train.data.errors import DataError
 from k2train.data.prepare import add_data_parser
+from parallel.layout import LayoutError
 
 
 def _run_train(args: argparse.Namespace) -> int:
     # Imported here so `k2train data ...` and `--help` stay quick.
     from k2train.config.load import load_config
-    from k2train.train.loop import NonFiniteLossError, train
+    from k2train.train.loop import NonFiniteLossError
+    from parallel.trainer import run_training
 
     cfg = load_config(args.config, args.set)
     try:
-        train(cfg)
+        run_training(cfg)
     except NonFiniteLossError as err:
         print(f"k2train: {err}", file=sys.stderr)
         return 1
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, NotImplementedError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, LayoutError, NotImplementedError, FileExistsError, FileNotFoundError) as err:
         # Errors meant for people: one sentence, no traceback.
         print(f"k2train: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,163 @@
+"""Pipeline parallelism: the model split into PP x VP virtual stages, run by torch's interleaved
+schedules (K2 §2.4: interleaved 1F1B; the zero-bubble variant splits the weight-gradient pass out).
+
+Stage s of S = pp * vp holds a contiguous run of layers; stage 0 also holds the embedding and stage
+S-1 the final norm, the head and the loss. Pipeline rank r runs the virtual stages r, r+pp, ...
+(the looped placement torch's interleaved schedules expect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble
+from torch.distributed.pipelining.schedules import _Action, _ComputationType
+
+from k2train.config.schema import ModelConfig
+from k2train.model import K2Model, ModelPart
+from parallel.schedule_table import timeline
+
+
+
+class TheoryInterleaved1F1B(ScheduleInterleaved1F1B):
+    """torch's interleaved 1F1B runtime driving the paper's operation order (schedule_table.py),
+    whose bubble is the theoretical (p - 1) / (v·m); torch's own order idles longer."""
+
+    def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
+        kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
+        line = timeline(self.pp_group_size, self.n_local_stages, self._n_microbatches)[rank]
+        return [None if op is None else _Action(op.stage, kinds[op.kind], op.microbatch) for op in line]
+
+
+SCHEDULES = {"interleaved_1f1b": TheoryInterleaved1F1B, "interleaved_zero_bubble": ScheduleInterleavedZeroBubble}
+
+
+def split_layers(num_layers: int, num_stages: int, layers_per_stage: Sequence[int] | None = None) -> list[range]:
+    """The layers of each virtual stage, in stage order.
+
+    Explicit `layers_per_stage` is used as given. Otherwise the split is as even as possible, and
+    the stages that get one layer fewer are the first and the last, which also carry the embedding
+    and the head.
+    """
+    if layers_per_stage is not None:
+        counts = list(layers_per_stage)
+    else:
+        base, extra = divmod(num_layers, num_stages)
+        counts = [base] * num_stages
+        # Extra layers go to the middle stages first, from the centre out.
+        preference = sorted(range(num_stages), key=lambda s: (s in (0, num_stages - 1), abs(2 * s - num_stages + 1)))
+        for s in preference[:extra]:
+            counts[s] += 1
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
+
+
+def describe_split(split: list[range], pp: int) -> str:
+    """One line per pipeline rank: its virtual stages and their layers."""
+    lines = []
+    for rank in range(pp):
+        stages = [f"stage {s}: layers {r.start}-{r.stop - 1}" for s, r in enumerate(split) if s % pp == rank]
+        lines.append(f"  pp rank {rank}: " + "; ".join(stages))
+    return "\n".join(lines)
+
+
+class _TraceBackward(torch.autograd.Function):
+    """Identity whose backward notes that the stage's backward began (for the executed-schedule trace)."""
+
+    @staticmethod
+    def forward(ctx, x, trace: list, stage: int):
+        ctx.trace, ctx.stage = trace, stage
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.trace.append(("B", ctx.stage))
+        return grad, None, None
+
+
+class StageModule(nn.Module):
+    """One virtual stage as torch's PipelineStage wants it: tensor in, tensor out.
+
+    The per-head max logits and expert loads of every micro-batch are kept on the side (a running
+    max and a sum) for the step's QK-Clip and router-bias update. With a `trace` list, the stage
+    also records when its forward and backward passes actually run.
+    """
+
+    def __init__(self, model: K2Model, stage: int, trace: list | None = None):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.trace = trace
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        cfg = self.model.cfg
+        self.max_logits_LH = torch.full((len(self.model.part.layers), cfg.num_heads), float("-inf"))
+        self.counts_ME = torch.zeros(len(self.model.moe_layers()), cfg.num_experts, dtype=torch.int64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        with torch.no_grad():
+            self.max_logits_LH = torch.maximum(self.max_logits_LH.to(x.device), out.max_logits_LH)
+            self.counts_ME = self.counts_ME.to(x.device) + out.expert_counts_ME
+        if self.trace is None:
+            return out.output
+        self.trace.append(("F", self.stage))
+        return _TraceBackward.apply(out.output, self.trace, self.stage)
+
+
+def build_stage_models(
+    cfg: ModelConfig, split: list[range], stage_indices: Sequence[int], ep_rank: int, ep_size: int, seed: int
+) -> list[K2Model]:
+    """The model parts of this rank's virtual stages, holding its EP slice of the experts."""
+    num_local = cfg.num_experts // ep_size
+    return [
+        K2Model(
+            cfg,
+            ModelPart(split[s], embedding=s == 0, head=s == len(split) - 1,
+                      first_expert=ep_rank * num_local, num_local_experts=num_local),
+            seed=seed,
+        )
+        for s in stage_indices
+    ]
+
+
+def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of one micro-batch, in float32."""
+    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten())
+
+
+def build_schedule(
+    stage_modules: list[StageModule], stage_indices: Sequence[int], num_stages: int, n_microbatches: int,
+    schedule: str, group, device: torch.device, micro_batch_shape: tuple[int, int], loss_fn: Callable = lm_loss,
+):
+    """PipelineStages over `group` and the interleaved schedule that runs them.
+
+    scale_grads=True divides the accumulated gradients by the micro-batch count, so a step's
+    gradient is the mean over micro-batches, as on one process. The stages' input and output
+    shapes are given up front: shape inference would run an extra forward on real data.
+    """
+    stages = [
+        PipelineStage(module, s, num_stages, device, group=group, **_stage_io(module, s, num_stages, micro_batch_shape))
+        for module, s in zip(stage_modules, stage_indices, strict=True)
+    ]
+    return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True)
+
+
+def _stage_io(module: StageModule, stage: int, num_stages: int, micro_batch_shape: tuple[int, int]) -> dict:
+    """Shape-only (meta) examples of a stage's input and output for one micro-batch [B, S]."""
+    cfg = module.model.cfg
+    dtype = next(module.parameters()).dtype
+    # requires_grad marks the activations that carry gradients between stages (tokens do not).
+    hidden = torch.empty(*micro_batch_shape, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
+    tokens = torch.empty(micro_batch_shape, dtype=torch.int64, device="meta")
+    logits = torch.empty(*micro_batch_shape, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
+    return dict(
+        input_args=(tokens if stage == 0 else hidden,),
+        output_args=(logits if stage == num_stages - 1 else hidden,),
+    )

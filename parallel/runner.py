@@ -1,0 +1,173 @@
+"""One rank's share of a training step under any PP x EP x DP layout (one process is the 1x1x1 case).
+
+The runner builds this rank's model parts (its virtual stages, its slice of the experts), wires the
+expert all-to-all and the pipeline schedule, and implements the step the training loop drives:
+forward and backward over the rank's micro-batches, gradient reduction, the global statistics
+(mean loss, per-head max logits, expert loads), clipping, MuonClip and the router-bias update.
+Every rank computes the same global values, so every rank takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from k2train.config.checks import micro_batches_per_step
+from k2train.config.schema import JobConfig
+from k2train.data.sampler import SequenceSampler
+from k2train.model import K2Model
+from k2train.model.moe import update_router_bias_
+from k2train.optim.muon_clip import MuonClip
+from k2train.train.stats import StepResult
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.grad_sync import GradientReducer
+from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
+from parallel.state import ParallelState
+
+
+class RankModel(nn.Module):
+    """The model parts one rank holds, in stage order, seen as one module by the optimizer."""
+
+    def __init__(self, parts: list[K2Model]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def layer_ids(self) -> list[int]:
+        return [i for part in self.parts for i in part.part.layers]
+
+    def moe_layer_ids(self) -> list[int]:
+        return [i for part in self.parts for i in part.moe_layers()]
+
+    def attention_modules(self):
+        return [m for part in self.parts for m in part.attention_modules()]
+
+    def router_biases(self) -> list[torch.Tensor]:
+        return [b for part in self.parts for b in part.router_biases()]
+
+
+class ParallelRunner:
+    def __init__(self, cfg: JobConfig, state: ParallelState, sampler: SequenceSampler, trace_schedule: bool = False):
+        self.cfg, self.state, self.sampler = cfg, state, sampler
+        layout, coords = state.layout, state.coords
+        self.split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+        self.stage_indices = layout.stage_indices(coords.pp)
+        parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
+        dtype = getattr(torch, cfg.train.param_dtype)
+        for part in parts:
+            part.to(device=state.device, dtype=dtype)
+            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep)
+        self.model = RankModel(parts)
+        self.micro_batches = micro_batches_per_step(cfg, layout.dp)
+        self.tokens_per_step = cfg.train.global_batch_tokens
+        self.schedule = None
+        if layout.pp > 1:
+            # The executed order of stage forwards and backwards, kept only when asked for (tests).
+            self.trace: list[tuple[str, int]] | None = [] if trace_schedule else None
+            self.stage_modules = [StageModule(part, s, self.trace) for part, s in zip(parts, self.stage_indices)]
+            self.schedule = build_schedule(
+                self.stage_modules, self.stage_indices, layout.num_stages, self.micro_batches,
+                cfg.parallel.schedule, state.pipeline_group, state.device,
+                micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len),
+            )
+        self.optimizer = MuonClip.from_config(self.model, cfg.optimizer)
+        self.reducer = GradientReducer(self.model, state)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def forward_backward(self) -> StepResult:
+        """Run the rank's micro-batches, reduce gradients, and return the step's global statistics."""
+        mbs = self.cfg.train.micro_batch_size
+        inputs_BS, labels_BS = self.sampler.next_batch(
+            self.micro_batches * mbs, rank=self.state.sequence_rank, world=self.state.layout.sequence_ranks
+        )
+        inputs_BS, labels_BS = inputs_BS.to(self.state.device), labels_BS.to(self.state.device)
+        if self.schedule is None:
+            loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
+        else:
+            loss_sum, max_logits_LH, counts_ME = self._run_pipeline(inputs_BS, labels_BS)
+        self.reducer.reduce()
+        return self._global_stats(loss_sum, max_logits_LH, counts_ME)
+
+    def _run_local(self, inputs_BS, labels_BS):
+        """No pipeline: accumulate the micro-batches' gradients directly (one part holds every layer)."""
+        model = self.model.parts[0]
+        loss_sum = torch.zeros((), device=self.state.device)
+        max_logits, counts = None, None
+        for x_BS, y_BS in zip(inputs_BS.chunk(self.micro_batches), labels_BS.chunk(self.micro_batches)):
+            out = model(x_BS)
+            loss = lm_loss(out.output, y_BS)
+            (loss / self.micro_batches).backward()
+            loss_sum += loss.detach()
+            max_logits = out.max_logits_LH if max_logits is None else torch.maximum(max_logits, out.max_logits_LH)
+            counts = out.expert_counts_ME if counts is None else counts + out.expert_counts_ME
+        return loss_sum, max_logits, counts
+
+    def _run_pipeline(self, inputs_BS, labels_BS):
+        for module in self.stage_modules:
+            module.reset_stats()
+        first, last = 0 in self.stage_indices, len(self.split) - 1 in self.stage_indices
+        losses: list[torch.Tensor] = []
+        args = (inputs_BS,) if first else ()
+        self.schedule.step(*args, target=labels_BS if last else None, losses=losses if last else None,
+                           return_outputs=False)
+        loss_sum = torch.stack(losses).sum().detach() if last else torch.zeros((), device=self.state.device)
+        max_logits = torch.cat([m.max_logits_LH for m in self.stage_modules])
+        counts = torch.cat([m.counts_ME for m in self.stage_modules])
+        return loss_sum, max_logits, counts
+
+    @torch.no_grad()
+    def _global_stats(self, loss_sum, local_max_logits_LH, local_counts_ME) -> StepResult:
+        """Every rank's contribution, placed at its global layer rows, reduced over the world:
+        MAX for the max logits, SUM for the loss and the expert loads."""
+        model_cfg, device = self.cfg.model, self.state.device
+        max_logits_LH = torch.full((model_cfg.num_layers, model_cfg.num_heads), float("-inf"), device=device)
+        max_logits_LH[self.model.layer_ids()] = local_max_logits_LH.to(device)
+        counts_ME = torch.zeros(model_cfg.num_moe_layers, model_cfg.num_experts, dtype=torch.float64, device=device)
+        moe_rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
+        counts_ME[moe_rows] = local_counts_ME.to(device=device, dtype=torch.float64)
+        last = len(self.split) - 1 in self.stage_indices
+        loss_terms = torch.tensor([loss_sum.item(), self.micro_batches if last else 0], dtype=torch.float64, device=device)
+        sums = torch.cat([loss_terms, counts_ME.flatten()])
+        if self.state.is_distributed:
+            dist.all_reduce(max_logits_LH, op=dist.ReduceOp.MAX)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        loss = (sums[0] / sums[1]).item()
+        counts_ME = sums[2:].view_as(counts_ME).round().to(torch.int64)
+        return StepResult(loss, max_logits_LH.cpu(), counts_ME.cpu())
+
+    def schedule_table(self) -> dict[int, list[str | None]] | None:
+        """The pipeline schedule this rank's runtime executes: per pipeline rank, its actions in
+        order ("0F1": stage 0 forward of micro-batch 1), None for an idle time step."""
+        if self.schedule is None:
+            return None
+        return {
+            rank: [None if action is None else str(action) for action in actions]
+            for rank, actions in self.schedule.pipeline_order.items()
+        }
+
+    def clip_gradients(self, max_norm: float) -> float:
+        return self.reducer.clip_(max_norm)
+
+    def optimizer_step(self, lr: float) -> None:
+        self.optimizer.set_lr(lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def qk_clip(self, max_logits_LH: torch.Tensor) -> None:
+        """QK-Clip this rank's attention layers with the step's global max logits."""
+        self.optimizer.qk_clip_(max_logits_LH[self.model.layer_ids()].to(self.state.device))
+
+    @torch.no_grad()
+    def update_router_biases(self, counts_ME: torch.Tensor) -> list[float]:
+        """Move this rank's router biases by the global loads; returns mean |bias| of every MoE layer."""
+        model_cfg = self.cfg.model
+        rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
+        for bias_E, row in zip(self.model.router_biases(), rows, strict=True):
+            update_router_bias_(bias_E, counts_ME[row].to(bias_E.device), model_cfg.router_bias_update_rate)
+        means = torch.full((model_cfg.num_moe_layers,), float("-inf"), dtype=torch.float64, device=self.state.device)
+        for bias_E, row in zip(self.model.router_biases(), rows):
+            means[row] = bias_E.abs().mean().double()
+        if self.state.is_distributed:
+            dist.all_reduce(means, op=dist.ReduceOp.MAX)  # replicas hold identical biases
+        return means.tolist()

@@ -1,0 +1,71 @@
+"""`k2train train` on any layout: validate, start the process groups, build the runner, train.
+
+Launched as one process, or as many under torchrun (or a Slurm step with one task per GPU). The
+layout is checked against the launched world before any process group exists, so a layout that
+does not fit stops every rank with the same sentence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from k2train.config.checks import micro_batches_per_step, resolve_dp
+from k2train.config.schema import JobConfig
+from k2train.train.loop import RunResult, check_supported, data_prefix, open_sampler, train
+from parallel.layout import Layout, make_layout
+from parallel.pipeline import describe_split
+from parallel.runner import ParallelRunner
+from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel, launch_env
+
+
+def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched world") -> Layout:
+    """The validated layout of `cfg` on `world_size` ranks (raises ConfigError / LayoutError)."""
+    dp = resolve_dp(cfg.parallel, world_size, source)
+    return make_layout(
+        world_size, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+        micro_batches=micro_batches_per_step(cfg, dp),
+    )
+
+
+def run_training(cfg: JobConfig, env: LaunchEnv | None = None) -> RunResult:
+    """Train `cfg` as this process's rank of the launched world."""
+    env = launch_env() if env is None else env
+    check_supported(cfg)
+    layout = layout_for(cfg, env.world_size)
+    device = device_for(cfg.parallel.device, env.local_rank)
+    state = init_parallel(layout, env, device)
+    try:
+        return _train_rank(cfg, state)
+    finally:
+        if state.is_distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_rank(cfg: JobConfig, state: ParallelState) -> RunResult:
+    sampler = open_sampler(cfg, _shared_data_prefix(cfg, state))
+    runner = ParallelRunner(cfg, state, sampler)
+    layout = state.layout
+    if state.is_logging_rank and layout.pp > 1:
+        print(f"k2train: {layout.num_stages} pipeline stages over pp={layout.pp} x vp={layout.vp}:")
+        print(describe_split(runner.split, layout.pp))
+    header = dict(world_size=layout.world_size, pp=layout.pp, vp=layout.vp, ep=layout.ep, dp=layout.dp)
+    return train(cfg, runner, header, state.is_logging_rank)
+
+
+def _shared_data_prefix(cfg: JobConfig, state: ParallelState) -> str:
+    """The data prefix; the embedded corpus is prepared by rank 0 alone while the others wait."""
+    if cfg.data.prefix or not state.is_distributed:
+        return data_prefix(cfg)
+    ready = torch.zeros(1)
+    if state.rank == 0:
+        try:
+            data_prefix(cfg)
+            ready.fill_(1)
+        finally:
+            dist.broadcast(ready, src=0)
+    else:
+        dist.broadcast(ready, src=0)
+    if not ready.item():
+        raise RuntimeError("rank 0 could not prepare the default corpus; see its error.")
+    return data_prefix(cfg)
