@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/k2_tiny.yaml
+# The tiny config lays out pp 2 x ep 2 x dp: 8 processes give dp 2.
+NPROC  ?= 8
 
 .PHONY: train test bench install install-test clean
 
@@ -26,7 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 train: install
-	$(BIN)/k2train train --config $(CONFIG)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m k2train train --config $(CONFIG)
 
 test: install-test
 	$(BIN)/pytest

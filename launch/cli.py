@@ -12,6 +12,7 @@ from k2train.config.checks import ConfigError
 from k2train.data.errors import DataError
 from k2train.data.prepare import add_data_parser
 from parallel.layout import LayoutError
+from parallel.layout_report import add_layout_parser
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_run_train)
     add_data_parser(commands)
+    add_layout_parser(commands)
     return parser
 
 

@@ -191,6 +191,8 @@ def add_layout_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     size.add_argument("--world-size", type=_positive_int, metavar="N", help="ranks in all")
     layout.add_argument("--ranks", type=_rank_list, metavar="R,R,...",
                         help="ranks to describe, e.g. 0,17,255 (default: 0 and a few representative ones)")
+    layout.add_argument("--params", action="store_true",
+                        help="also build the chosen ranks' model parts on the meta device and count their parameters")
     layout.set_defaults(func=run_layout)
     return layout
 
@@ -213,6 +215,11 @@ def run_layout(args: argparse.Namespace) -> int:
         print(f"k2train: error: {source}: {err}", file=sys.stderr)
         return 2
     print(report)
+    if args.params:
+        from parallel.param_report import describe_params  # imports torch and the model: only when asked
+
+        print()
+        print(describe_params(cfg, layout, args.ranks or representative_ranks(layout)))
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from k2train.config.checks import micro_batches_per_step, resolve_dp
+from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
 from k2train.train.loop import RunResult, check_supported, data_prefix, open_sampler, train
 from parallel.layout import Layout, make_layout
@@ -21,7 +21,15 @@ from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel, 
 
 def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched world") -> Layout:
     """The validated layout of `cfg` on `world_size` ranks (raises ConfigError / LayoutError)."""
-    dp = resolve_dp(cfg.parallel, world_size, source)
+    p = cfg.parallel
+    if world_size == 1 and p.pp * p.ep * (p.dp or 1) > 1:
+        raise ConfigError(
+            f"{cfg.name} lays out parallel.pp {p.pp} x parallel.ep {p.ep} x parallel.dp {p.dp}, which needs "
+            f"{p.pp * p.ep * (p.dp or 1)} or more processes, but this is one; launch it with "
+            f"`torchrun --nproc-per-node N -m k2train train ...` or set parallel.pp=1 parallel.vp=1 "
+            f"parallel.ep=1 parallel.dp=1."
+        )
+    dp = resolve_dp(p, world_size, source)
     return make_layout(
         world_size, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
         micro_batches=micro_batches_per_step(cfg, dp),

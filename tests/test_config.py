@@ -223,7 +223,7 @@ def test_file_level_errors(tmp_path):
 VALUE_RULES = [
     (["model.experts_per_token=9"], ["model.experts_per_token (9)", "model.num_experts (8)"]),
     (["model.experts_per_token=0"], ["model.experts_per_token must be at least 1, got 0"]),
-    (["model.first_dense_layers=4"], ["model.first_dense_layers (4)", "model.num_layers (3)"]),
+    (["model.first_dense_layers=5"], ["model.first_dense_layers (5)", "model.num_layers (4)"]),
     (["model.num_shared_experts=-1"], ["model.num_shared_experts must be at least 0, got -1"]),
     (["model.qk_rope_head_dim=7"], ["model.qk_rope_head_dim must be even", "got 7"]),
     (["model.hidden_size=0"], ["model.hidden_size must be at least 1, got 0"]),
@@ -239,7 +239,7 @@ VALUE_RULES = [
     (["parallel.schedule=gpipe"], ["parallel.schedule must be one of interleaved_1f1b,", "'gpipe'"]),
     (["parallel.device=tpu"], ["parallel.device must be one of cpu, cuda, auto, got 'tpu'"]),
     (["parallel.ep=3"], ["model.num_experts (8)", "parallel.ep (3)", "nearest ep that fits is 2 or 4"]),
-    (["parallel.pp=2", "parallel.vp=2"], ["model.num_layers (3)", "parallel.pp 2 x parallel.vp 2 = 4"]),
+    (["parallel.pp=4", "parallel.vp=2"], ["model.num_layers (4)", "parallel.pp 4 x parallel.vp 2 = 8"]),
     (["optimizer.lr=0"], ["optimizer.lr must be greater than 0, got 0.0"]),
     (["optimizer.lr=.nan"], ["optimizer.lr must be a finite number, got nan"]),
     (["optimizer.lr=1e-3", "optimizer.min_lr=2e-3"], ["optimizer.min_lr (0.002)", "optimizer.lr (0.001)"]),
@@ -255,7 +255,7 @@ VALUE_RULES = [
     (["model.yarn={factor: 2, original_max_position_embeddings: 64}", "data.seq_len=256"],
      ["data.seq_len (256)", "model.yarn.original_max_position_embeddings (64)", "= 128"]),
     (["train.global_batch_tokens=3000"],
-     ["train.global_batch_tokens (3000)", "data.seq_len 64 x train.micro_batch_size 4",
+     ["train.global_batch_tokens (3000)", "data.seq_len 64 x train.micro_batch_size 2",
       "= 256 tokens", "nearest valid values are 2816 or 3072"]),
     (["train.global_batch_tokens=100"], ["train.global_batch_tokens (100)", "nearest valid values are 256"]),
     (["train.param_dtype=float16"], ["train.param_dtype must be one of float32, bfloat16, got 'float16'"]),
@@ -274,7 +274,7 @@ def test_value_rules_name_file_keys_and_values(overrides, expected):
 
 
 def test_value_rules_accept_their_boundaries():
-    cfg = load_config(TINY, ["model.experts_per_token=8", "model.first_dense_layers=3",
+    cfg = load_config(TINY, ["model.experts_per_token=8", "model.first_dense_layers=4",
                              "model.num_shared_experts=0", "optimizer.min_lr=1e-2",
                              "optimizer.muon_momentum=0", "data.seq_len=256",
                              "train.global_batch_tokens=1024"])
@@ -295,7 +295,7 @@ def test_dp_null_checks_the_batch_when_the_world_is_known():
     batch = r"m: train.global_batch_tokens \(196608\) .* x dp 2 = 131072 tokens"
     with pytest.raises(ConfigError, match=batch):
         validate_world(cfg, 16, "m")
-    tiny = load_config(TINY)
+    tiny = load_config(TINY, ["parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1"])
     fixed_dp = r"parallel.dp 1 = 1 ranks, but the world has 4; set parallel.dp to 4 or null"
     with pytest.raises(ConfigError, match=fixed_dp):
         validate_world(tiny, 4, "t")
@@ -305,3 +305,12 @@ def test_config_from_dict_names_its_source():
     with pytest.raises(ConfigError, match=r"^<run args>: model.num_layers must be an int"):
         config_from_dict({"model": {"num_layers": "3"}}, "<run args>")
     assert config_from_dict({}, "<run args>") == JobConfig()
+
+
+@pytest.mark.parametrize("layers", ["[1,1,1]", "[2,0,1,1]", "[1,1,1,2]"])
+def test_stage_layers_must_cover_every_stage_and_layer(layers):
+    overrides = ["model.num_layers=4", "parallel.pp=2", "parallel.vp=2", "parallel.dp=null",
+                 f"parallel.stage_layers={layers}"]
+    with pytest.raises(ConfigError, match=r"parallel.stage_layers .* = 4 stages at least one layer and add up to model.num_layers 4"):
+        load_config(TINY, overrides)
+    load_config(TINY, overrides[:-1] + ["parallel.stage_layers=[1,1,1,1]"])

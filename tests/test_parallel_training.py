@@ -54,7 +54,7 @@ def run_steps(payload: dict) -> dict:
         steps.append(dict(loss=result.loss, grads=grads, norm=norm, max_logits=result.max_logits_LH,
                           counts=result.counts_ME))
     params = {n: p.detach().clone() for n, p in _named_params(runner)}
-    biases = [b.clone() for b in runner.model.router_biases()]
+    biases = dict(zip(runner.model.moe_layer_ids(), (b.clone() for b in runner.model.router_biases())))
     first_expert = runner.model.parts[0].part.first_expert
     if state.is_distributed:
         torch.distributed.destroy_process_group()
@@ -108,11 +108,31 @@ def test_layout_matches_one_process(layout, data, reference):
             assert torch.equal(got["counts"], want["counts"]), (rank, step)
             for name, grad in got["grads"].items():
                 expected = _expected(want["grads"][name], name, result["first_expert"], num_local)
-                torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7, msg=f"rank {rank} step {step} {name}")
+                _assert_relative(grad, expected, f"rank {rank} step {step} gradient of {name}",
+                                 floor=1e-3 * want["norm"])
         for name, param in result["params"].items():
             expected = _expected(reference["params"][name], name, result["first_expert"], num_local)
-            torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+            # Looser than the gradients: AdamW divides by sqrt(v), so on near-zero gradients (rare
+            # tokens' embedding rows) a float32 summation-order difference moves an element by up to lr.
+            _assert_relative(param, expected, f"rank {rank} parameter {name} after {STEPS} steps", tol=1e-3)
+        # Router biases move by the loads of the whole step on every rank: equal to one process, bit for bit.
+        for layer, bias in result["biases"].items():
+            assert torch.equal(bias, reference["biases"][layer]), (rank, layer)
+    assert {layer for result in ranks for layer in result["biases"]} == set(reference["biases"])
     _assert_replicas_identical(ranks)
+
+
+def _assert_relative(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-5, floor: float = 0.0) -> None:
+    """||got - want|| <= tol * max(||want||, floor), L2 over the tensor.
+
+    Layouts sum in different orders, so float32 rounding differs; it is relative to the terms
+    summed. A gradient that is the near-cancelling sum of much larger terms (a norm weight's, say)
+    is measured against `floor`, a thousandth of the step's whole gradient norm.
+    """
+    assert got.shape == want.shape, what
+    error = (got - want).norm().item()
+    scale = max(want.norm().item(), floor)
+    assert error <= tol * scale, f"{what}: error {error:.3e} over scale {scale:.3e}"
 
 
 def _assert_replicas_identical(ranks: list[dict]) -> None:

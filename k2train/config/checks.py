@@ -187,6 +187,13 @@ def _check_parallel(cfg: JobConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: model.num_layers ({m.num_layers}) cannot fill parallel.pp {p.pp} x "
             f"parallel.vp {p.vp} = {p.pp * p.vp} pipeline stages; each stage needs a layer.")
+    if p.stage_layers is not None:
+        counts = list(p.stage_layers)
+        if len(counts) != p.pp * p.vp or min(counts) < 1 or sum(counts) != m.num_layers:
+            raise ConfigError(
+                f"{source}: parallel.stage_layers {counts} must give each of the parallel.pp {p.pp} x "
+                f"parallel.vp {p.vp} = {p.pp * p.vp} stages at least one layer and add up to "
+                f"model.num_layers {m.num_layers}.")
 
 
 def _check_optimizer(cfg: JobConfig, source: str) -> None:
