@@ -1,4 +1,3 @@
-"""Process launch: the local multi-process launcher, torchrun and Slurm entry points.
-
-Today `k2train train` runs as one process; see the README for what is not implemented yet.
+"""Process launch: the `k2train` command line (`cli`), which runs as one process or as each rank of
+a torchrun (or Slurm one-task-per-GPU) launch.
 """

@@ -1,6 +1,8 @@
-"""Distribution of the K2 model over ranks: layout and groups, expert dispatch, pipeline stages and
-schedules, the ZeRO-1 reduction and the sharded MuonClip driver (DESIGN §1-3).
+"""Distribution of the K2 model over ranks (DESIGN §1-2): the layout as a pure function
+(`layout`), process groups (`state`), the expert all-to-all (`expert_parallel`), pipeline stages
+and the interleaved schedules (`pipeline`, `schedule_table`), gradient reduction (`grad_sync`),
+and the runner that drives one rank's share of a step (`runner`, `trainer`).
 
 Parallelism is applied to a `k2train` model from here; the model itself never imports
-torch.distributed. Nothing is distributed yet: the trainer runs one process.
+torch.distributed.
 """
