@@ -1,4 +1,4 @@
-"""The `k2train` command line: `train`, `data` and `layout` subcommands.
+"""The `k2train` command line: `train`, `data`, `layout` and `optimizer-plan` subcommands.
 
 `k2train train` runs as one process or as each rank of a torchrun / Slurm launch.
 """
@@ -13,6 +13,7 @@ from k2train.data.errors import DataError
 from k2train.data.prepare import add_data_parser
 from parallel.layout import LayoutError
 from parallel.layout_report import add_layout_parser
+from parallel.optimizer_plan import add_optimizer_plan_parser
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_run_train)
     add_data_parser(commands)
     add_layout_parser(commands)
+    add_optimizer_plan_parser(commands)
     return parser
 
 

@@ -15,7 +15,7 @@ import torch
 
 from k2train.config.schema import JobConfig
 from k2train.model import count_parameters
-from parallel.grad_sync import is_expert_param
+from parallel.ownership import is_expert_param
 from parallel.layout import Layout, RankCoords
 from parallel.pipeline import build_stage_models, split_layers
 

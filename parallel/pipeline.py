@@ -138,15 +138,15 @@ def build_schedule(
 ):
     """PipelineStages over `group` and the interleaved schedule that runs them.
 
-    scale_grads=True divides the accumulated gradients by the micro-batch count, so a step's
-    gradient is the mean over micro-batches, as on one process. The stages' input and output
-    shapes are given up front: shape inference would run an extra forward on real data.
+    Gradients leave the parameters as they accumulate (parallel/zero1.py), so the schedule does
+    not scale them; the optimizer's reduction divides by the micro-batch count. The stages' input
+    and output shapes are given up front: shape inference would run an extra forward on real data.
     """
     stages = [
         PipelineStage(module, s, num_stages, device, group=group, **_stage_io(module, s, num_stages, micro_batch_shape))
         for module, s in zip(stage_modules, stage_indices, strict=True)
     ]
-    return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True)
+    return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def _stage_io(module: StageModule, stage: int, num_stages: int, micro_batch_shape: tuple[int, int]) -> dict:

@@ -18,12 +18,11 @@ from k2train.config.schema import JobConfig
 from k2train.data.sampler import SequenceSampler
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
-from k2train.optim.muon_clip import MuonClip
 from k2train.train.stats import StepResult
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.grad_sync import GradientReducer
 from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
 from parallel.state import ParallelState
+from parallel.zero1 import ShardedMuonClip
 
 
 class RankModel(nn.Module):
@@ -70,8 +69,12 @@ class ParallelRunner:
                 cfg.parallel.schedule, state.pipeline_group, state.device,
                 micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len),
             )
-        self.optimizer = MuonClip.from_config(self.model, cfg.optimizer)
-        self.reducer = GradientReducer(self.model, state)
+        m = cfg.model
+        self.optimizer = ShardedMuonClip(
+            [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
+            state.dense_group, state.expert_grad_group, cfg.optimizer,
+            (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim), state.is_distributed,
+        )
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -86,7 +89,8 @@ class ParallelRunner:
             loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
         else:
             loss_sum, max_logits_LH, counts_ME = self._run_pipeline(inputs_BS, labels_BS)
-        self.reducer.reduce()
+        # The step's loss is the mean over every micro-batch of every sequence rank.
+        self.optimizer.reduce(divisor=self.micro_batches * self.state.layout.sequence_ranks)
         return self._global_stats(loss_sum, max_logits_LH, counts_ME)
 
     def _run_local(self, inputs_BS, labels_BS):
@@ -97,7 +101,7 @@ class ParallelRunner:
         for x_BS, y_BS in zip(inputs_BS.chunk(self.micro_batches), labels_BS.chunk(self.micro_batches)):
             out = model(x_BS)
             loss = lm_loss(out.output, y_BS)
-            (loss / self.micro_batches).backward()
+            loss.backward()
             loss_sum += loss.detach()
             max_logits = out.max_logits_LH if max_logits is None else torch.maximum(max_logits, out.max_logits_LH)
             counts = out.expert_counts_ME if counts is None else counts + out.expert_counts_ME
@@ -147,16 +151,15 @@ class ParallelRunner:
         }
 
     def clip_gradients(self, max_norm: float) -> float:
-        return self.reducer.clip_(max_norm)
+        return self.optimizer.clip_(max_norm)
 
-    def optimizer_step(self, lr: float) -> None:
-        self.optimizer.set_lr(lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def optimizer_step(self, lr: float, max_logits_LH: torch.Tensor) -> None:
+        """ZeRO-1 MuonClip: owners update and QK-Clip their master weights, then all-gather."""
+        self.optimizer.step(lr, max_logits_LH.to(self.state.device), self.model.layer_ids())
 
-    def qk_clip(self, max_logits_LH: torch.Tensor) -> None:
-        """QK-Clip this rank's attention layers with the step's global max logits."""
-        self.optimizer.qk_clip_(max_logits_LH[self.model.layer_ids()].to(self.state.device))
+    def owned_gradients(self) -> dict[str, torch.Tensor]:
+        """The reduced gradients this rank owns, by item key (valid between forward_backward and the step)."""
+        return self.optimizer.owned_gradients()
 
     @torch.no_grad()
     def update_router_biases(self, counts_ME: torch.Tensor) -> list[float]:
@@ -171,3 +174,8 @@ class ParallelRunner:
         if self.state.is_distributed:
             dist.all_reduce(means, op=dist.ReduceOp.MAX)  # replicas hold identical biases
         return means.tolist()
+
+
+def _model_name(name: str) -> str:
+    """"parts.<k>.layers.3.mlp..." -> "layers.3.mlp...": the model's own name, equal on every rank."""
+    return name.split(".", 2)[2]

@@ -14,10 +14,10 @@ from launch.cli import main
 from k2train.config.load import load_config
 from k2train.data.prepare import prepare_dataset
 from k2train.model import K2Model
-from k2train.optim.muon_clip import MuonClip
 from k2train.train.loop import NonFiniteLossError
 from k2train.train.metrics import read_metrics
 from parallel.trainer import run_training as train
+from parallel.zero1 import ShardedMuonClip
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"
@@ -74,19 +74,13 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path, corpus, mo
     micro-batch of 8. (Gradients, not updated weights: Newton-Schulz runs in bf16, where
     float32 rounding differences of the accumulation order can flip a bf16 rounding.)"""
     seen = []
-    step = MuonClip.step
-    qk_clip = MuonClip.qk_clip_
+    step = ShardedMuonClip.step
 
-    def capture_step(self, closure=None):
-        seen.append({n: p.grad.clone() for g in self.param_groups for n, p in zip(g["param_names"], g["params"])})
-        return step(self, closure)
+    def capture_step(self, lr, max_logits_LH, layers):
+        seen.append({**self.owned_gradients(), "max_logits": max_logits_LH.clone()})
+        return step(self, lr, max_logits_LH, layers)
 
-    def capture_qk_clip(self, max_logits_LH):
-        seen[-1]["max_logits"] = max_logits_LH.clone()
-        return qk_clip(self, max_logits_LH)
-
-    monkeypatch.setattr(MuonClip, "step", capture_step)
-    monkeypatch.setattr(MuonClip, "qk_clip_", capture_qk_clip)
+    monkeypatch.setattr(ShardedMuonClip, "step", capture_step)
     for micro in (4, 8):
         train(tiny(tmp_path / str(micro), corpus, "train.steps=1", f"train.micro_batch_size={micro}",
                    "logging.plots=false"))

@@ -151,26 +151,18 @@ class MuonClip(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        mu = group["momentum"]
         ns_inputs = []
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            ns_inputs.append(p.grad.add(buf, alpha=mu) if group["nesterov"] else buf)
+            ns_inputs.append(muon_momentum_(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"]))
         updates = newton_schulz_many(ns_inputs, group["ns_steps"], group["ns_coefficients"], group["ns_dtype"])
-        lr, wd = group["lr"], group["weight_decay"]
         for p, update in zip(params, updates):
-            scale = group["update_rms"] * math.sqrt(max(p.shape[-2], p.shape[-1]))
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * scale)
+            apply_muon_update_(p, update, group["lr"], group["weight_decay"], group["update_rms"])
 
     def _adamw_step(self, group: dict) -> None:
-        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path.
         beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -180,10 +172,35 @@ class MuonClip(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            step = state["step"].item()
-            p.mul_(1 - lr * wd)
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-            denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+            adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
+                          group["lr"], group["weight_decay"], beta1, beta2, group["eps"])
+
+
+# The per-tensor rules, shared with the sharded optimizer (parallel/zero1.py) so both compute the same.
+
+
+def muon_momentum_(grad: Tensor, buf: Tensor, momentum: float, nesterov: bool) -> Tensor:
+    """M = μ·M + G in place; returns what Newton-Schulz orthogonalises: μ·M + G (Nesterov) or M."""
+    buf.mul_(momentum).add_(grad)
+    return grad.add(buf, alpha=momentum) if nesterov else buf
+
+
+def apply_muon_update_(param: Tensor, orthogonal: Tensor, lr: float, weight_decay: float, update_rms: float) -> None:
+    """W = W·(1 - lr·λ) - lr·update_rms·sqrt(max(n, m))·O (decoupled decay, update-RMS matching)."""
+    scale = update_rms * math.sqrt(max(param.shape[-2], param.shape[-1]))
+    param.mul_(1 - lr * weight_decay)
+    param.add_(orthogonal, alpha=-lr * scale)
+
+
+def adamw_update_(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
+    lr: float, weight_decay: float, beta1: float, beta2: float, eps: float,
+) -> None:
+    """One AdamW step (step counts from 1): the same operations, in the same order, as
+    torch.optim.AdamW's single-tensor path."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))

@@ -50,18 +50,36 @@ def apply_qk_clip_(
         raise ValueError(
             f"kv_b_proj weight has {kv_b_weight.shape[0]} rows; expected heads*(nope+v) = {H}*({nope}+{v})."
         )
-    clipped_H = gamma_H < 1
-    heads = clipped_H.nonzero().squeeze(1).to(q_b_weight.device)
-    if heads.numel() == 0:
-        return clipped_H
-    gamma = gamma_H.to(q_b_weight.device)[heads].view(-1, 1, 1)
-    q_HRC = q_b_weight.view(H, nope + rope, -1)
-    kv_HRC = kv_b_weight.view(H, nope + v, -1)
-    sqrt_gamma = gamma.sqrt()
-    q_HRC[heads, :nope] = q_HRC[heads, :nope] * sqrt_gamma.to(q_HRC.dtype)
-    q_HRC[heads, nope:] = q_HRC[heads, nope:] * gamma.to(q_HRC.dtype)
-    kv_HRC[heads, :nope] = kv_HRC[heads, :nope] * sqrt_gamma.to(kv_HRC.dtype)
-    return clipped_H
+    clip_q_rows_(q_b_weight, gamma_H, nope, rope)
+    clip_kv_rows_(kv_b_weight, gamma_H, nope, v)
+    return gamma_H < 1
+
+
+@torch.no_grad()
+def clip_q_rows_(q_b_weight: Tensor, gamma_H: Tensor, nope: int, rope: int) -> None:
+    """q_b_proj's half of QK-Clip: W_qc rows of clipped heads × sqrt(γ), W_qr rows × γ.
+
+    The two halves are separate so that, with a sharded optimizer, the owner of each matrix
+    clips its own master copy (DESIGN §3)."""
+    heads, gamma = _clipped_heads(gamma_H, q_b_weight.device)
+    if heads.numel():
+        q_HRC = q_b_weight.view(gamma_H.numel(), nope + rope, -1)
+        q_HRC[heads, :nope] = q_HRC[heads, :nope] * gamma.sqrt().to(q_HRC.dtype)
+        q_HRC[heads, nope:] = q_HRC[heads, nope:] * gamma.to(q_HRC.dtype)
+
+
+@torch.no_grad()
+def clip_kv_rows_(kv_b_weight: Tensor, gamma_H: Tensor, nope: int, v: int) -> None:
+    """kv_b_proj's half of QK-Clip: W_kc rows of clipped heads × sqrt(γ); value rows untouched."""
+    heads, gamma = _clipped_heads(gamma_H, kv_b_weight.device)
+    if heads.numel():
+        kv_HRC = kv_b_weight.view(gamma_H.numel(), nope + v, -1)
+        kv_HRC[heads, :nope] = kv_HRC[heads, :nope] * gamma.sqrt().to(kv_HRC.dtype)
+
+
+def _clipped_heads(gamma_H: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    heads = (gamma_H < 1).nonzero().squeeze(1).to(device)
+    return heads, gamma_H.to(device)[heads].view(-1, 1, 1)
 
 
 def clip_attention_modules_(modules: Sequence[nn.Module], max_logits_LH: Tensor, tau: float) -> list[int]:

@@ -48,9 +48,7 @@ class StepRunner(Protocol):
 
     def clip_gradients(self, max_norm: float) -> float: ...
 
-    def optimizer_step(self, lr: float) -> None: ...
-
-    def qk_clip(self, max_logits_LH: torch.Tensor) -> None: ...
+    def optimizer_step(self, lr: float, max_logits_LH: torch.Tensor) -> None: ...
 
     def update_router_biases(self, counts_ME: torch.Tensor) -> list[float]: ...
 
@@ -141,8 +139,7 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
         if cfg.train.stop_on_nonfinite and not torch.isfinite(torch.tensor([loss, grad_norm])).all():
             bar.close()
             raise NonFiniteLossError(format_nonfinite_stop(step, last_good))
-        runner.optimizer_step(lr)
-        runner.qk_clip(result.max_logits_LH)
+        runner.optimizer_step(lr, result.max_logits_LH)  # QK-Clip is part of the step (K2 Algorithm 1)
         bias_abs_mean = runner.update_router_biases(result.counts_ME)
         step_time = time.perf_counter() - t0
         clipped = (result.max_logits_LH > tau).sum(dim=1).tolist() if tau is not None else [0] * cfg.model.num_layers
