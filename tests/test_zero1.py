@@ -46,10 +46,20 @@ def sharded_steps(payload: dict) -> dict:
     from parallel.state import device_for, init_parallel, launch_env
     from parallel.trainer import layout_for
 
+    import parallel.zero1
+
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
     env = launch_env()
     state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
     runner = ParallelRunner(cfg, state, sampler=None)
+    orthogonalised = []  # matrices this rank ran Newton-Schulz on
+    newton_schulz_many = parallel.zero1.newton_schulz_many
+
+    def counting(matrices, *args):
+        orthogonalised.extend(tuple(m.shape) for m in matrices)
+        return newton_schulz_many(matrices, *args)
+
+    parallel.zero1.newton_schulz_many = counting
     m, layout, coords = cfg.model, state.layout, state.coords
     local = m.num_experts // layout.ep
     for step in range(STEPS):
@@ -68,7 +78,7 @@ def sharded_steps(payload: dict) -> dict:
     if state.is_distributed:
         torch.distributed.destroy_process_group()
     return dict(params=params, first_expert=coords.ep * local, masters=masters,
-                state_bytes=runner.optimizer.optimizer_state_bytes())
+                state_bytes=runner.optimizer.optimizer_state_bytes(), orthogonalised=orthogonalised)
 
 
 def reference_steps(overrides: list[str]) -> dict[str, torch.Tensor]:
@@ -111,6 +121,11 @@ def test_sharded_muonclip_equals_single_process(pp, ep, dp, reference):
             want = reference[name][first:first + local] if ".mlp.experts." in name else reference[name]
             error = ((param - want).norm() / want.norm()).item()
             assert error <= 1e-6, f"rank {rank} {name}: relative error {error:.2e}"
+    # Newton-Schulz ran exactly once per matrix per step across the world: as many matrices as the
+    # single-process optimizer orthogonalises (each expert's matrix counted once), none twice.
+    matrices = sum(p.shape[0] if p.ndim == 3 else 1 for n, p in reference.items()
+                   if p.ndim >= 2 and not n.endswith(("embed_tokens.weight", "lm_head.weight")))
+    assert sum(len(r["orthogonalised"]) for r in ranks) == STEPS * matrices
     # Replicas (same name, same expert slice) hold the same bits.
     seen: dict[tuple[str, int], torch.Tensor] = {}
     for result in ranks:
