@@ -19,6 +19,7 @@ from k2train.data.sampler import SequenceSampler
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
+from parallel.checkpoint import latest_checkpoint
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
 from parallel.state import ParallelState
@@ -70,6 +71,8 @@ class ParallelRunner:
                 micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len),
             )
         m = cfg.model
+        self.start_step = 0
+        self.checkpointer = None
         self.optimizer = ShardedMuonClip(
             [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
             state.dense_group, state.expert_grad_group, cfg.optimizer,
@@ -156,6 +159,38 @@ class ParallelRunner:
     def optimizer_step(self, lr: float, max_logits_LH: torch.Tensor) -> None:
         """ZeRO-1 MuonClip: owners update and QK-Clip their master weights, then all-gather."""
         self.optimizer.step(lr, max_logits_LH.to(self.state.device), self.model.layer_ids())
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Logical key -> live view of everything this rank saves or restores (parallel/checkpoint.py)."""
+        tensors = self.optimizer.checkpoint_tensors()
+        for layer, bias in zip(self.model.moe_layer_ids(), self.model.router_biases(), strict=True):
+            tensors[f"buffer/layers.{layer}.mlp.gate.e_score_correction_bias"] = bias
+        return tensors
+
+    def attach_checkpointer(self, checkpointer, layout_header: dict) -> None:
+        """Resume from the latest checkpoint under the checkpointer's root, if any, and save from now on."""
+        self.checkpointer, self.layout_header = checkpointer, layout_header
+        path = latest_checkpoint(checkpointer.root)
+        if path is None:
+            return
+        restored, with_optimizer = checkpointer.load(path, self.checkpoint_tensors())
+        self.optimizer.restore(restored.step if with_optimizer else 0, with_optimizer)
+        if restored.sampler:
+            self.sampler.load_state_dict(restored.sampler)
+        self.start_step = restored.step
+        if self.state.is_logging_rank:
+            print(f"k2train: resumed from {path} at step {restored.step}")
+
+    def end_of_step(self, step: int, last: bool) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if self.checkpointer is None or not every:
+            return
+        if step % every == 0 or last:
+            self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
+        if last:
+            self.checkpointer.wait()
 
     def owned_gradients(self) -> dict[str, torch.Tensor]:
         """The reduced gradients this rank owns, by item key (valid between forward_backward and the step)."""

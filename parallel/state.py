@@ -1,15 +1,18 @@
 """The parallel state of one rank: its layout coordinates and process groups, built once, passed
 explicitly (STYLE §3). The layout is validated before any process group exists.
 
-Rank and world come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) or, when a job step
-starts one task per GPU, from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). The backend
-follows the device: gloo on CPU, NCCL on CUDA.
+Rank and world come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) or, inside a Slurm
+job step that starts one task per GPU, from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+The ranks meet at MASTER_ADDR:MASTER_PORT; a rendezvous that does not complete within
+K2TRAIN_RENDEZVOUS_TIMEOUT seconds stops the rank with a sentence naming the address, instead of
+waiting out the collective timeout. The backend follows the device: gloo on CPU, NCCL on CUDA.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,24 +20,84 @@ import torch.distributed as dist
 
 from parallel.layout import Layout, RankCoords
 
+RENDEZVOUS_TIMEOUT_VAR = "K2TRAIN_RENDEZVOUS_TIMEOUT"
+# Long enough for the nodes of a real job to start at different times (container imports), short
+# enough that a wrong address fails in minutes rather than after the collective timeout.
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
+COLLECTIVE_TIMEOUT = dt.timedelta(minutes=10)
+
+# (rank, world size, local rank) variables of each launcher, in order of precedence: torchrun run
+# inside a Slurm step sets its own per-process RANK over Slurm's per-task SLURM_PROCID.
+_LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+class LaunchError(RuntimeError):
+    """A launch this rank cannot start from: a bad launcher variable or a rendezvous that failed."""
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
+    """What the launcher told this process: its place in the world and where the ranks meet."""
+
     rank: int
     world_size: int
     local_rank: int
+    master_addr: str = ""
+    master_port: int = 0
+    rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S
+    launcher: str = "one process"       # "torchrun", "Slurm" or "one process", for messages
+    agent_store: bool = False           # torchrun's agent already hosts the store at MASTER_PORT
 
 
-def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
-    """This process's rank, world size and local rank from torchrun's or Slurm's variables (1 process if neither)."""
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """This process's launch from torchrun's or Slurm's variables (one process if neither).
+
+    Slurm's variables count only inside a job step (SLURM_STEP_ID set, i.e. under srun): the batch
+    script itself also carries SLURM_PROCID=0 and the job's SLURM_NTASKS, but it is one process.
+    """
     env = os.environ if environ is None else environ
-    for rank_key, world_key, local_key in (
-        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-    ):
+    rank, world, local, launcher = 0, 1, 0, "one process"
+    for name, rank_key, world_key, local_key in _LAUNCHERS:
+        if name == "Slurm" and "SLURM_STEP_ID" not in env:
+            continue
         if rank_key in env and world_key in env:
-            return LaunchEnv(int(env[rank_key]), int(env[world_key]), int(env.get(local_key, "0")))
-    return LaunchEnv(0, 1, 0)
+            rank, world = _int_var(env, rank_key, name), _int_var(env, world_key, name)
+            local, launcher = _int_var(env, local_key, name, default=0), name
+            break
+    if world < 1 or not 0 <= rank < world:
+        raise LaunchError(f"{launcher} gave rank {rank} of a world of {world} processes; expected 0 <= rank < world.")
+    port = _int_var(env, "MASTER_PORT", launcher, default=0)
+    if not 0 <= port < 2**16:
+        raise LaunchError(f"MASTER_PORT is {port}, expected a TCP port in 1..65535.")
+    return LaunchEnv(
+        rank, world, local, env.get("MASTER_ADDR", ""), port, _timeout_var(env), launcher,
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+    )
+
+
+def _int_var(env: Mapping[str, str], key: str, launcher: str, default: int | None = None) -> int:
+    if key not in env and default is not None:
+        return default
+    try:
+        return int(env[key])
+    except ValueError:
+        raise LaunchError(f"{key} is {env[key]!r} ({launcher}'s variable), expected a whole number.") from None
+
+
+def _timeout_var(env: Mapping[str, str]) -> float:
+    text = env.get(RENDEZVOUS_TIMEOUT_VAR, "")
+    if not text:
+        return DEFAULT_RENDEZVOUS_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise LaunchError(f"{RENDEZVOUS_TIMEOUT_VAR} is {text!r}, expected a positive number of seconds.")
+    return seconds
 
 
 @dataclass
@@ -76,14 +139,57 @@ def init_parallel(layout: Layout, env: LaunchEnv, device: torch.device) -> Paral
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, rank=env.rank, world_size=env.world_size, timeout=dt.timedelta(minutes=10),
-            device_id=device if device.type == "cuda" else None,
+            backend, store=rendezvous_store(env), rank=env.rank, world_size=env.world_size,
+            timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None,
         )
     groups = {kind: _my_group(layout, kind, env.rank) for kind in ("pipeline", "expert", "dense", "expert_grad")}
     return ParallelState(
         layout, env.rank, layout.coords(env.rank), device,
         groups["pipeline"], groups["expert"], groups["dense"], groups["expert_grad"],
     )
+
+
+def rendezvous_store(env: LaunchEnv) -> dist.Store:
+    """The TCP store where all ranks meet, connected within `env.rendezvous_timeout_s`.
+
+    Rank 0 hosts it on MASTER_PORT and waits for the other ranks; they connect to
+    MASTER_ADDR:MASTER_PORT (under torchrun every rank connects to the agent's store). Once all
+    have arrived, waits on the store follow the collective timeout again.
+    """
+    where = f"{env.master_addr}:{env.master_port}"
+    if not env.master_addr or not env.master_port:
+        raise LaunchError(
+            f"{env.launcher} launched rank {env.rank} of {env.world_size}, but MASTER_ADDR and MASTER_PORT "
+            f"(the address and port of rank 0's node) are not both set (got {where!r}).")
+    hosts = env.rank == 0 and not env.agent_store
+    try:
+        store = dist.TCPStore(
+            env.master_addr, env.master_port, env.world_size, is_master=hosts,
+            timeout=dt.timedelta(seconds=env.rendezvous_timeout_s), wait_for_workers=True, multi_tenant=True,
+        )
+    except dist.DistError as err:
+        raise LaunchError(_rendezvous_failure(env, hosts, err)) from None
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    return store
+
+
+def _rendezvous_failure(env: LaunchEnv, hosts: bool, err: Exception) -> str:
+    """One sentence for a rendezvous that failed: who, where, how long, and what to check."""
+    where, wait = f"{env.master_addr}:{env.master_port}", f"{env.rendezvous_timeout_s:g} s"
+    lines = str(err).strip().splitlines()
+    cause = lines[0].rstrip(".") if lines else type(err).__name__
+    if hosts and isinstance(err, dist.DistStoreError):
+        return (f"rank 0 hosts the rendezvous at {where} (MASTER_ADDR:MASTER_PORT), but not all {env.world_size} "
+                f"ranks arrived within {wait} ({cause}); check that every rank started and can reach {where}, "
+                f"or raise {RENDEZVOUS_TIMEOUT_VAR}.")
+    if hosts and "listen" in cause:
+        return f"rank 0 could not host the rendezvous on port {env.master_port} (MASTER_PORT): {cause}."
+    if hosts:
+        return (f"rank 0 hosts the rendezvous on port {env.master_port} but could not reach it at {where} within "
+                f"{wait} ({cause}); MASTER_ADDR must be the address of rank 0's node.")
+    return (f"rank {env.rank} of {env.world_size} could not reach the rendezvous at {where} "
+            f"(MASTER_ADDR:MASTER_PORT) within {wait} ({cause}); check that rank 0 is running there, "
+            f"or raise {RENDEZVOUS_TIMEOUT_VAR}.")
 
 
 def _my_group(layout: Layout, kind: str, rank: int) -> dist.ProcessGroup | None:

@@ -7,12 +7,15 @@ does not fit stops every rank with the same sentence.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
 from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
 from k2train.train.loop import RunResult, check_supported, data_prefix, open_sampler, train
+from parallel.checkpoint import Checkpointer
 from parallel.layout import Layout, make_layout
 from parallel.pipeline import describe_split
 from parallel.runner import ParallelRunner
@@ -58,7 +61,14 @@ def _train_rank(cfg: JobConfig, state: ParallelState) -> RunResult:
         print(f"k2train: {layout.num_stages} pipeline stages over pp={layout.pp} x vp={layout.vp}:")
         print(describe_split(runner.split, layout.pp))
     header = dict(world_size=layout.world_size, pp=layout.pp, vp=layout.vp, ep=layout.ep, dp=layout.dp)
+    runner.attach_checkpointer(Checkpointer(cfg, checkpoint_root(cfg), state.rank, state.is_distributed), header)
     return train(cfg, runner, header, state.is_logging_rank)
+
+
+def checkpoint_root(cfg: JobConfig) -> Path:
+    """checkpoint.dir, or <logging.run_root>/<name>/checkpoints: the same for every launch of a job,
+    so a restarted job finds what it saved."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.logging.run_root) / cfg.name / "checkpoints"
 
 
 def _shared_data_prefix(cfg: JobConfig, state: ParallelState) -> str:

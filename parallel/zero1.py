@@ -180,6 +180,23 @@ class ShardGroup:
             start = slot.owner * self.region + slot.offset
             slot.data.copy_(gathered[start:start + slot.item.numel].view(slot.item.shape))
 
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """Views of what a checkpoint keeps, by logical key (layout-independent): every held
+        parameter value (an expert stack as one key per expert) and the owned optimizer state."""
+        tensors = {f"model/{s.item.key}": s.data for s in self.slots}
+        for s in self.owned:
+            tensors[f"optim/master/{s.item.key}"] = self._own(self.master, s)
+            tensors[f"optim/moment1/{s.item.key}"] = self._own(self.moment1, s)
+            if not s.item.muon:
+                tensors[f"optim/moment2/{s.item.key}"] = self.moment2[s.item.key]
+        return tensors
+
+    @torch.no_grad()
+    def masters_from_parameters(self) -> None:
+        """Start the owned master weights from the parameters (a checkpoint without optimizer state)."""
+        for slot in self.owned:
+            self._own(self.master, slot).copy_(slot.data.float())
+
     def owned_gradients(self) -> dict[str, Tensor]:
         """The reduced gradients of the owned items (after `reduce`), by item key."""
         return {s.item.key: self._own(self.grad_region, s).clone() for s in self.owned}
@@ -239,6 +256,21 @@ class ShardedMuonClip:
 
     def owned_gradients(self) -> dict[str, Tensor]:
         return {k: v for group in self.groups for k, v in group.owned_gradients().items()}
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        return {k: v for group in self.groups for k, v in group.checkpoint_tensors().items()}
+
+    @property
+    def steps_taken(self) -> int:
+        return self.groups[0].adam_steps
+
+    def restore(self, steps_taken: int, with_optimizer_state: bool) -> None:
+        """After a checkpoint was loaded into `checkpoint_tensors()`: the step count, and masters
+        from the parameters when the checkpoint had no optimizer state."""
+        for group in self.groups:
+            group.adam_steps = steps_taken
+            if not with_optimizer_state:
+                group.masters_from_parameters()
 
     def optimizer_state_bytes(self) -> int:
         return sum(group.optimizer_state_bytes() for group in self.groups)

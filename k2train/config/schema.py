@@ -153,7 +153,7 @@ class TrainConfig:
 class CheckpointConfig:
     """Sharded checkpoints (written by the checkpoint subsystem; 0 = never save)."""
 
-    # "" saves under the run directory.
+    # Where checkpoints go and a restarted job resumes from; "" is <logging.run_root>/<name>/checkpoints.
     dir: str = ""
     every_steps: int = 0
     keep_last: int = 3

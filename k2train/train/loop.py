@@ -52,6 +52,10 @@ class StepRunner(Protocol):
 
     def update_router_biases(self, counts_ME: torch.Tensor) -> list[float]: ...
 
+    start_step: int  # steps already taken (a resumed run starts after its checkpoint)
+
+    def end_of_step(self, step: int, last: bool) -> None: ...  # checkpoints
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -64,10 +68,6 @@ def check_supported(cfg: JobConfig) -> None:
     for key in ("fp8_activations", "selective_recompute", "activation_offload", "optimizer_offload"):
         if getattr(cfg.memory, key):
             raise NotImplementedError(f"memory.{key}=true is not implemented yet; set it to false.")
-    if cfg.checkpoint.every_steps:
-        raise NotImplementedError(
-            f"checkpoint.every_steps={cfg.checkpoint.every_steps}: checkpointing is not implemented yet; set it to 0."
-        )
 
 
 def make_run_dir(cfg: JobConfig) -> Path:
@@ -130,7 +130,8 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
     last_good: dict | None = None
     loss = float("nan")
     tau = cfg.optimizer.qk_clip_tau if cfg.optimizer.qk_clip else None
-    for step in range(1, cfg.train.steps + 1):
+    bar.update(runner.start_step)
+    for step in range(runner.start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         lr = lr_at(step - 1, cfg.optimizer)
         result = runner.forward_backward()
@@ -153,6 +154,7 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
             log.log_step(record)
             if not cfg.logging.progress_bar:  # cluster logs: one line per logged step instead of a bar
                 print(_step_line(record, cfg.train.steps), flush=True)
+        runner.end_of_step(step, last=step == cfg.train.steps)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
     bar.close()

@@ -1,0 +1,156 @@
+"""Checkpoints: exact resume, resharding across layouts, atomicity, integrity, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from multiproc import run_world
+
+ROOT = Path(__file__).parents[1]
+BASE = [
+    "model.num_layers=4", "model.num_experts=8", "data.seq_len=16", "train.micro_batch_size=1",
+    "train.global_batch_tokens=256", "optimizer.warmup_steps=1", "logging.wandb=false",
+    "logging.plots=false", "logging.progress_bar=false", "checkpoint.every_steps=1",
+]
+ONE = ["parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1"]
+WIDE = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=2"]
+OTHER = ["parallel.pp=1", "parallel.vp=1", "parallel.ep=4", "parallel.dp=2"]
+
+
+def train_job(payload: dict) -> None:
+    """One rank of a training run (the launcher's code path)."""
+    from k2train.config.load import load_config
+    from parallel.trainer import run_training
+
+    run_training(load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"]))
+
+
+def run(tmp: Path, name: str, layout: list[str], steps: int, ckpt: Path, world: int, *extra: str) -> list[dict]:
+    overrides = [*BASE, *layout, f"data.prefix={tmp / 'data' / 'corpus'}", f"logging.run_root={tmp / 'runs'}",
+                 f"logging.run_name={name}", f"train.steps={steps}", f"checkpoint.dir={ckpt}", *extra]
+    if world == 1:
+        train_job(dict(overrides=overrides))
+    else:
+        run_world(world, "test_checkpoint:train_job", dict(overrides=overrides))
+    lines = (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()[1:]
+    return [json.loads(line) for line in lines]
+
+
+def model_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    out = tmp / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(out))
+    return {k: v for k, v in torch.load(out, weights_only=True).items() if k.startswith(("model/", "optim/", "buffer/"))}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    from k2train.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("ckpt")
+    (root / "data").mkdir()
+    prepare_dataset(sorted((ROOT / "k2train").rglob("*.py")), root / "data" / "corpus", "byte")
+    return root
+
+
+def test_resume_is_bit_for_bit(tmp):
+    whole = run(tmp, "whole", ONE, 4, tmp / "c-whole", 1)
+    run(tmp, "first", ONE, 2, tmp / "c-split", 1)
+    resumed = run(tmp, "second", ONE, 4, tmp / "c-split", 1)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[2:]]
+    a = model_tensors(tmp / "c-whole" / "step_00000004", tmp)
+    b = model_tensors(tmp / "c-split" / "step_00000004", tmp)
+    assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_multi_process_resume_is_bit_for_bit(tmp):
+    layout = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=1"]
+    whole = run(tmp, "w8", layout, 3, tmp / "c-w8", 4)
+    run(tmp, "a8", layout, 2, tmp / "c-a8", 4)
+    resumed = run(tmp, "b8", layout, 3, tmp / "c-a8", 4)
+    assert [r["loss"] for r in resumed] == [whole[2]["loss"]]
+    a, b = model_tensors(tmp / "c-w8" / "step_00000003", tmp), model_tensors(tmp / "c-a8" / "step_00000003", tmp)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("target,world", [(ONE, 1), (OTHER, 8)], ids=["to-one-process", "to-pp1xep4xdp2"])
+def test_a_checkpoint_reshards_to_another_layout(tmp, target, world):
+    """Saved under PP2xVP2xEP2xDP2, loaded under another layout: training continues with the same loss."""
+    if not (tmp / "c-reshard-src").exists():
+        run(tmp, "src", WIDE, 3, tmp / "c-reshard-src", 8)
+    reference = [json.loads(line) for line in (tmp / "runs" / "src" / "metrics.jsonl").read_text().splitlines()[1:]]
+    name = f"dst{world}"
+    shutil.copytree(tmp / "c-reshard-src", tmp / f"c-{name}")
+    # Keep only step 2 so the new layout resumes there and recomputes step 3.
+    shutil.rmtree(tmp / f"c-{name}" / "step_00000003")
+    (tmp / f"c-{name}" / "latest").write_text("step_00000002")
+    continued = run(tmp, name, target, 3, tmp / f"c-{name}", world)
+    assert [r["step"] for r in continued] == [3]
+    assert continued[0]["loss"] == pytest.approx(reference[2]["loss"], rel=1e-6)
+
+
+def test_retention_keeps_the_last_n(tmp):
+    run(tmp, "keep", ONE, 4, tmp / "c-keep", 1, "checkpoint.keep_last=2")
+    assert sorted(p.name for p in (tmp / "c-keep").iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    assert (tmp / "c-keep" / "latest").read_text() == "step_00000004"
+
+
+def crash_during_save(payload: dict) -> None:
+    """Train, but die (SIGKILL-like, no cleanup) halfway through writing the second checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    save = dcp.save
+    calls = {"n": 0}
+
+    def dying_save(state, checkpoint_id, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.makedirs(checkpoint_id, exist_ok=True)
+            Path(checkpoint_id, "__0_0.distcp").write_bytes(b"half a file")
+            os._exit(9)
+        return save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    dcp.save = dying_save
+    train_job(payload)
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp):
+    ckpt = tmp / "c-crash"
+    overrides = [*BASE, *ONE, f"data.prefix={tmp / 'data' / 'corpus'}", f"logging.run_root={tmp / 'runs'}",
+                 "logging.run_name=crash", "train.steps=3", f"checkpoint.dir={ckpt}"]
+    with pytest.raises(RuntimeError, match="failed"):
+        run_world(1, "test_checkpoint:crash_during_save", dict(overrides=overrides))
+    assert (ckpt / "latest").read_text() == "step_00000001"
+    assert any(".partial-" in p.name for p in ckpt.iterdir())
+    resumed = run(tmp, "after-crash", ONE, 3, ckpt, 1)
+    assert [r["step"] for r in resumed] == [2, 3]
+    assert not any(".partial-" in p.name for p in ckpt.iterdir())
+
+
+def test_corrupt_missing_and_foreign_checkpoints_are_refused(tmp):
+    from parallel.checkpoint import CheckpointError
+
+    run(tmp, "bad", ONE, 1, tmp / "c-bad", 1)
+    step = tmp / "c-bad" / "step_00000001"
+    shard = next(step.glob("__0_*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shard.name} does not match its sha256"):
+        run(tmp, "bad2", ONE, 2, tmp / "c-bad", 1)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is missing from the checkpoint"):
+        run(tmp, "bad3", ONE, 2, tmp / "c-bad", 1)
+    run(tmp, "good", ONE, 1, tmp / "c-foreign", 1)
+    with pytest.raises(CheckpointError, match=r"saved for model.hidden_size=64, but this run has model.hidden_size=32"):
+        run(tmp, "foreign", ONE, 2, tmp / "c-foreign", 1, "model.hidden_size=32", "model.moe_intermediate_size=16")
