@@ -1,4 +1,4 @@
-"""The `k2train` command line: `train`, `data`, `layout` and `optimizer-plan` subcommands.
+"""The `k2train` command line: `train`, `data`, `layout`, `optimizer-plan` and `convert` subcommands.
 
 `k2train train` runs as one process or as each rank of a torchrun / Slurm launch.
 """
@@ -11,15 +11,17 @@ import sys
 from k2train.config.checks import ConfigError
 from k2train.data.errors import DataError
 from k2train.data.prepare import add_data_parser
+from parallel.checkpoint import CheckpointError
+from parallel.convert import add_convert_parser
 from parallel.layout import LayoutError
 from parallel.layout_report import add_layout_parser
 from parallel.optimizer_plan import add_optimizer_plan_parser
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    # Imported here so `k2train data ...` and `--help` stay quick.
     from k2train.config.load import load_config
     from k2train.train.loop import NonFiniteLossError
+    from parallel.state import LaunchError
     from parallel.trainer import run_training
 
     cfg = load_config(args.config, args.set)
@@ -28,6 +30,10 @@ def _run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"k2train: {err}", file=sys.stderr)
         return 1
+    except LaunchError as err:
+        # A bad launch (variables, rendezvous): one sentence, like the config errors.
+        print(f"k2train: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -44,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(commands)
     add_layout_parser(commands)
     add_optimizer_plan_parser(commands)
+    add_convert_parser(commands)
     return parser
 
 
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, LayoutError, NotImplementedError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, LayoutError, CheckpointError, NotImplementedError, FileExistsError, FileNotFoundError) as err:
         # Errors meant for people: one sentence, no traceback.
         print(f"k2train: error: {err}", file=sys.stderr)
         return 2
