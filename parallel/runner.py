@@ -84,6 +84,7 @@ class ParallelRunner:
     def forward_backward(self) -> StepResult:
         """Run the rank's micro-batches, reduce gradients, and return the step's global statistics."""
         mbs = self.cfg.train.micro_batch_size
+        self.sampler_before_step = self.sampler.state_dict()
         inputs_BS, labels_BS = self.sampler.next_batch(
             self.micro_batches * mbs, rank=self.state.sequence_rank, world=self.state.layout.sequence_ranks
         )
@@ -183,6 +184,12 @@ class ParallelRunner:
         if self.state.is_logging_rank:
             print(f"k2train: resumed from {path} at step {restored.step}")
 
+    def save_last_good(self, step: int) -> None:
+        """Checkpoint the state before the step that failed (parameters are not yet updated)."""
+        if self.checkpointer is not None and self.cfg.checkpoint.every_steps and step > self.start_step:
+            self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler_before_step, self.layout_header)
+            self.checkpointer.wait()
+
     def end_of_step(self, step: int, last: bool) -> None:
         every = self.cfg.checkpoint.every_steps
         if self.checkpointer is None or not every:
@@ -197,12 +204,18 @@ class ParallelRunner:
         return self.optimizer.owned_gradients()
 
     @torch.no_grad()
-    def update_router_biases(self, counts_ME: torch.Tensor) -> list[float]:
-        """Move this rank's router biases by the global loads; returns mean |bias| of every MoE layer."""
+    def update_router_biases(self, counts_ME: torch.Tensor) -> None:
+        """Move this rank's router biases by the step's global loads."""
         model_cfg = self.cfg.model
         rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
         for bias_E, row in zip(self.model.router_biases(), rows, strict=True):
             update_router_bias_(bias_E, counts_ME[row].to(bias_E.device), model_cfg.router_bias_update_rate)
+
+    @torch.no_grad()
+    def router_bias_means(self) -> list[float]:
+        """Mean |bias| of every MoE layer of the model (each rank contributes its own layers)."""
+        model_cfg = self.cfg.model
+        rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
         means = torch.full((model_cfg.num_moe_layers,), float("-inf"), dtype=torch.float64, device=self.state.device)
         for bias_E, row in zip(self.model.router_biases(), rows):
             means[row] = bias_E.abs().mean().double()

@@ -170,7 +170,10 @@ def rendezvous_store(env: LaunchEnv) -> dist.Store:
     except dist.DistError as err:
         raise LaunchError(_rendezvous_failure(env, hosts, err)) from None
     store.set_timeout(COLLECTIVE_TIMEOUT)
-    return store
+    # torchrun's agent store outlives a restart: without a per-attempt prefix, restarted ranks would
+    # read the addresses the killed ranks published and fail to connect.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"/k2train/attempt_{attempt}", store)
 
 
 def _rendezvous_failure(env: LaunchEnv, hosts: bool, err: Exception) -> str:

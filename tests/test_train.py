@@ -140,3 +140,43 @@ def test_python_dash_m_runs_the_cli():
         [sys.executable, "-m", "k2train", "train", "--help"], capture_output=True, text=True, check=True
     )
     assert "--set" in result.stdout
+
+
+def _poison_step(monkeypatch, bad_steps: set[int], micro_batches: int) -> None:
+    calls = {"n": 0}
+    forward = K2Model.forward
+
+    def poisoned(self, tokens):
+        calls["n"] += 1
+        out = forward(self, tokens)
+        if (calls["n"] - 1) // micro_batches + 1 in bad_steps:
+            out.output = out.output * float("nan")
+        return out
+
+    monkeypatch.setattr(K2Model, "forward", poisoned)
+
+
+def test_nonfinite_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus, monkeypatch, capsys):
+    _poison_step(monkeypatch, {2}, micro_batches=2)
+    train(tiny(tmp_path, corpus, "train.steps=4", "train.on_nonfinite=skip"))
+    _, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [s["skipped"] for s in steps] == [False, True, False, False]
+    assert steps[1]["loss"] != steps[1]["loss"]  # NaN, kept in the log
+    assert all(s["loss"] == s["loss"] for s in steps if not s["skipped"])
+    assert "step 2: loss nan" in capsys.readouterr().err
+
+
+def test_nonfinite_stop_policy_checkpoints_the_last_good_state(tmp_path, corpus, monkeypatch):
+    _poison_step(monkeypatch, {3}, micro_batches=2)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(tiny(tmp_path, corpus, "train.steps=5", "checkpoint.every_steps=10", f"checkpoint.dir={ckpt}"))
+    assert (ckpt / "latest").read_text() == "step_00000002"
+
+
+def test_loss_spikes_are_flagged_against_the_recent_mean():
+    from k2train.train.loop import SpikeWatch
+
+    watch = SpikeWatch(1.5)
+    assert [watch.observe(x) for x in (2.0, 2.0, 2.0, 2.1, 3.5, 2.0)] == [False, False, False, False, True, False]
+    assert not any(SpikeWatch(0.0).observe(x) for x in (1.0, 1.0, 1.0, 100.0))

@@ -71,6 +71,7 @@ _BOUNDS: tuple[tuple[str, _Bound], ...] = (
     ("train.global_batch_tokens", _ge(1)),
     ("train.micro_batch_size", _ge(1)),
     ("train.seed", _ge(0)),
+    ("train.loss_spike_factor", _ge(0)),
     ("checkpoint.every_steps", _ge(0)),
     ("checkpoint.keep_last", _ge(1)),
     ("logging.log_every", _ge(1)),
@@ -82,6 +83,7 @@ _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("parallel.device", DEVICES),
     ("train.param_dtype", PARAM_DTYPES),
     ("optimizer.ns_dtype", PARAM_DTYPES),
+    ("train.on_nonfinite", ("stop", "skip")),
 )
 
 _NON_EMPTY = ("data.tokenizer", "logging.run_root", "logging.wandb_project")

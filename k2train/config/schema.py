@@ -145,8 +145,11 @@ class TrainConfig:
     seed: int = 0
     # "float32" or "bfloat16" model parameters; master weights and gradients stay float32.
     param_dtype: str = "float32"
-    # Stop when loss is NaN or inf (the run's last good metrics are printed).
-    stop_on_nonfinite: bool = True
+    # A NaN/inf loss or gradient norm: "stop" (after checkpointing the last good state, when
+    # checkpoints are on) or "skip" (drop the step's update and go on).
+    on_nonfinite: str = "stop"
+    # Log a loss spike when a step's loss exceeds this factor times the mean of the previous 10; 0: off.
+    loss_spike_factor: float = 1.5
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,7 +51,11 @@ class StepRunner(Protocol):
 
     def optimizer_step(self, lr: float, max_logits_LH: torch.Tensor) -> None: ...
 
-    def update_router_biases(self, counts_ME: torch.Tensor) -> list[float]: ...
+    def update_router_biases(self, counts_ME: torch.Tensor) -> None: ...
+
+    def router_bias_means(self) -> list[float]: ...
+
+    def save_last_good(self, step: int) -> None: ...  # checkpoint of the state before a failed step
 
     start_step: int  # steps already taken (a resumed run starts after its checkpoint)
 
@@ -70,9 +75,12 @@ def check_supported(cfg: JobConfig) -> None:
             raise NotImplementedError(f"memory.{key}=true is not implemented yet; set it to false.")
 
 
-def make_run_dir(cfg: JobConfig) -> Path:
+def make_run_dir(cfg: JobConfig, resumed_from: int = 0) -> Path:
+    """A new run directory; a resumed run whose named directory exists gets `<name>-from-step<N>`."""
     name = cfg.logging.run_name or f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.logging.run_root) / name
+    if resumed_from and (run_dir / "metrics.jsonl").exists():
+        run_dir = run_dir.with_name(f"{name}-from-step{resumed_from}")
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose another logging.run_name.")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +105,7 @@ def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_ra
     """
     if not logging_rank:
         return RunResult(None, _run_steps(cfg, runner, None))
-    run_dir = make_run_dir(cfg)
+    run_dir = make_run_dir(cfg, runner.start_step)
     print(f"k2train: run directory {run_dir}")
     print(dump_config(cfg), end="")
     save_config(cfg, run_dir / "config.yaml")
@@ -130,6 +138,7 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
     last_good: dict | None = None
     loss = float("nan")
     tau = cfg.optimizer.qk_clip_tau if cfg.optimizer.qk_clip else None
+    spikes = SpikeWatch(cfg.train.loss_spike_factor)
     bar.update(runner.start_step)
     for step in range(runner.start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
@@ -137,19 +146,31 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
         result = runner.forward_backward()
         loss = result.loss
         grad_norm = runner.clip_gradients(cfg.optimizer.max_grad_norm)
-        if cfg.train.stop_on_nonfinite and not torch.isfinite(torch.tensor([loss, grad_norm])).all():
+        finite = bool(torch.isfinite(torch.tensor([loss, grad_norm])).all())
+        if not finite and cfg.train.on_nonfinite == "stop":
             bar.close()
+            runner.save_last_good(step - 1)
             raise NonFiniteLossError(format_nonfinite_stop(step, last_good))
-        runner.optimizer_step(lr, result.max_logits_LH)  # QK-Clip is part of the step (K2 Algorithm 1)
-        bias_abs_mean = runner.update_router_biases(result.counts_ME)
+        if finite:
+            runner.optimizer_step(lr, result.max_logits_LH)  # QK-Clip is part of the step (K2 Algorithm 1)
+            runner.update_router_biases(result.counts_ME)
+        elif log is not None:
+            print(f"k2train: step {step}: loss {loss} / gradient norm {grad_norm} is not finite; "
+                  "its update is skipped (train.on_nonfinite=skip)", file=sys.stderr, flush=True)
+        spike = spikes.observe(loss) if finite else False
+        if spike and log is not None:
+            print(f"k2train: loss spike at step {step}: {loss:.4f} is over {cfg.train.loss_spike_factor}x the "
+                  f"mean {spikes.last_mean:.4f} of the previous {len(spikes.window) - 1} steps", file=sys.stderr, flush=True)
         step_time = time.perf_counter() - t0
         clipped = (result.max_logits_LH > tau).sum(dim=1).tolist() if tau is not None else [0] * cfg.model.num_layers
         record = step_record(
             result, step=step, lr=lr, grad_norm=grad_norm, clipped=clipped, step_time=step_time,
             tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / step_time,
-            router_bias_abs_mean=bias_abs_mean, elapsed=time.perf_counter() - started,
+            router_bias_abs_mean=runner.router_bias_means(), elapsed=time.perf_counter() - started,
         )
-        last_good = record
+        record.update(skipped=not finite, loss_spike=spike)
+        if finite:
+            last_good = record
         if log is not None and (step % cfg.logging.log_every == 0 or step == cfg.train.steps):
             log.log_step(record)
             if not cfg.logging.progress_bar:  # cluster logs: one line per logged step instead of a bar
@@ -159,6 +180,23 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
         bar.update(1)
     bar.close()
     return loss
+
+
+class SpikeWatch:
+    """Flags a loss above `factor` times the mean of the previous 10 finite losses (factor 0: off)."""
+
+    def __init__(self, factor: float, window: int = 10):
+        self.factor = factor
+        self.window: deque[float] = deque(maxlen=window + 1)
+        self.last_mean = float("nan")
+
+    def observe(self, loss: float) -> bool:
+        self.window.append(loss)
+        previous = list(self.window)[:-1]
+        if not self.factor or len(previous) < 3:
+            return False
+        self.last_mean = sum(previous) / len(previous)
+        return loss > self.factor * self.last_mean
 
 
 def _step_line(record: dict, steps: int) -> str:

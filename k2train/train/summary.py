@@ -42,8 +42,8 @@ def format_summary(
 def format_nonfinite_stop(step: int, last_good: dict[str, Any] | None) -> str:
     """The message for a run stopped because the loss of `step` is NaN or infinite."""
     first = (
-        f"Stopped at step {step}: the loss is not finite (NaN or inf); "
-        "train.stop_on_nonfinite is on."
+        f"Stopped at step {step}: the loss or gradient norm is not finite (NaN or inf); "
+        "train.on_nonfinite is stop."
     )
     if last_good is None:
         return first + "\nNo earlier step had a finite loss."
