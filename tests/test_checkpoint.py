@@ -154,3 +154,14 @@ def test_corrupt_missing_and_foreign_checkpoints_are_refused(tmp):
     run(tmp, "good", ONE, 1, tmp / "c-foreign", 1)
     with pytest.raises(CheckpointError, match=r"saved for model.hidden_size=64, but this run has model.hidden_size=32"):
         run(tmp, "foreign", ONE, 2, tmp / "c-foreign", 1, "model.hidden_size=32", "model.moe_intermediate_size=16")
+
+
+def test_async_save_writes_the_same_checkpoint(tmp):
+    run(tmp, "sync", ONE, 3, tmp / "c-sync", 1)
+    run(tmp, "async", ONE, 3, tmp / "c-async", 1, "checkpoint.async_save=true")
+    a = model_tensors(tmp / "c-sync" / "step_00000003", tmp)
+    b = model_tensors(tmp / "c-async" / "step_00000003", tmp)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (tmp / "c-async" / "latest").read_text() == "step_00000003"
