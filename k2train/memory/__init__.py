@@ -1,0 +1,21 @@
+"""Activation memory mechanisms (K2_REFERENCE §3, DESIGN §4): FP8 storage of saved activations."""
+
+from k2train.memory.fp8 import (
+    Fp8Tiles,
+    dequantize_tiles,
+    fp8_saved_grouped_mm,
+    fp8_saved_linear,
+    fp8_saved_swiglu,
+    quantize_tiles,
+    saved_bytes,
+)
+
+__all__ = [
+    "Fp8Tiles",
+    "dequantize_tiles",
+    "fp8_saved_grouped_mm",
+    "fp8_saved_linear",
+    "fp8_saved_swiglu",
+    "quantize_tiles",
+    "saved_bytes",
+]
