@@ -4,15 +4,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k2train.memory.fp8 import fp8_saved_linear, fp8_saved_swiglu
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); x_TD -> y_TD."""
 
     def __init__(self, dim: int, intermediate: int):
         super().__init__()
+        # memory.fp8_activations: keep the up-projection and SwiGLU inputs for backward as FP8 tiles.
+        self.fp8_storage = False
         self.gate_proj = nn.Linear(dim, intermediate, bias=False)
         self.up_proj = nn.Linear(dim, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_storage:
+            gate = fp8_saved_linear(x, self.gate_proj.weight)
+            return self.down_proj(fp8_saved_swiglu(gate, fp8_saved_linear(x, self.up_proj.weight)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2train.config.schema import ModelConfig
+from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_swiglu
 from k2train.model.ffn import SwiGLU
 
 
@@ -64,6 +65,8 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.impl = cfg.expert_impl
+        # memory.fp8_activations (K2 §2.4.3): the up-projection and SwiGLU inputs wait for backward as FP8.
+        self.fp8_storage = False
 
     @property
     def num_local(self) -> int:
@@ -74,6 +77,10 @@ class Experts(nn.Module):
         if self.impl == "loop":
             return self.forward_loop(x_ND, counts_E)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        if self.fp8_storage:
+            gate_NI = fp8_saved_grouped_mm(x_ND, self.gate_proj.transpose(-2, -1), offsets_E)
+            up_NI = fp8_saved_grouped_mm(x_ND, self.up_proj.transpose(-2, -1), offsets_E)
+            return torch._grouped_mm(fp8_saved_swiglu(gate_NI, up_NI), self.down_proj.transpose(-2, -1), offs=offsets_E)
         gate_NI = torch._grouped_mm(x_ND, self.gate_proj.transpose(-2, -1), offs=offsets_E)
         up_NI = torch._grouped_mm(x_ND, self.up_proj.transpose(-2, -1), offs=offsets_E)
         return torch._grouped_mm(F.silu(gate_NI) * up_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)

@@ -133,6 +133,13 @@ class K2Model(nn.Module):
         )
         return ModelOutput(out, max_logits_LH, counts_ME)
 
+    def use_fp8_activation_storage(self, enabled: bool = True) -> None:
+        """memory.fp8_activations: every SwiGLU (dense, shared expert) and the routed experts keep
+        their up-projection and SwiGLU inputs for backward as FP8-E4M3 1x128 tiles."""
+        for module in self.modules():
+            if hasattr(module, "fp8_storage"):
+                module.fp8_storage = enabled
+
     def moe_layers(self) -> list[int]:
         """Global indices of this part's MoE layers, in order."""
         return [int(i) for i, block in self.layers.items() if block.is_moe]
