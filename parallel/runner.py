@@ -56,6 +56,7 @@ class ParallelRunner:
         dtype = getattr(torch, cfg.train.param_dtype)
         for part in parts:
             part.to(device=state.device, dtype=dtype)
+            part.use_fp8_activation_storage(cfg.memory.fp8_activations)
             apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep)
         self.model = RankModel(parts)
         self.micro_batches = micro_batches_per_step(cfg, layout.dp)
