@@ -21,6 +21,7 @@ import enum
 import itertools
 from dataclasses import dataclass
 
+from k2train.config.checks import world_problem
 from k2train.config.schema import ParallelConfig
 
 
@@ -243,17 +244,10 @@ def _resolve_dp(world_size: int, parallel: ParallelConfig) -> int:
     for name in ("pp", "vp", "ep"):
         if getattr(parallel, name) < 1:
             raise LayoutError(f"parallel.{name} must be at least 1, got {getattr(parallel, name)}.")
-    copy = parallel.pp * parallel.ep
-    if world_size < 1 or world_size % copy:
-        raise LayoutError(
-            f"a world of {world_size} ranks is not a multiple of parallel.pp {parallel.pp} x parallel.ep "
-            f"{parallel.ep} = {copy} ranks per model copy.")
-    if parallel.dp is not None and parallel.dp * copy != world_size:
-        raise LayoutError(
-            f"parallel.pp {parallel.pp} x parallel.ep {parallel.ep} x parallel.dp {parallel.dp} = "
-            f"{parallel.dp * copy} ranks, but the world has {world_size}; set parallel.dp to "
-            f"{world_size // copy} or null.")
-    return world_size // copy
+    problem = world_problem(parallel, world_size)
+    if problem:
+        raise LayoutError(problem)
+    return world_size // (parallel.pp * parallel.ep)
 
 
 def _check_micro_batches(micro_batches: int, pp: int) -> None:

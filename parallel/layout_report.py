@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from k2train.config.checks import micro_batches_per_step, validate_world
 from k2train.config.load import load_config
+from k2train.config.schema import JobConfig
 from parallel.layout import GROUP_AXES, GROUP_KINDS, Axis, Layout, LayoutError, RankCoords, make_layout
 
 # Groups listed one by one up to this many; past it the report gives counts and the first few.
@@ -181,29 +182,38 @@ def add_layout_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Register `layout --config FILE [--set K=V] (--nodes N | --world-size N) [--ranks R,R]`."""
     layout = subparsers.add_parser(
         "layout", help="print the PP x EP x DP layout of a config on a given number of nodes or ranks")
-    layout.add_argument("--config", required=True, metavar="FILE",
-                        help="a YAML job config, e.g. configs/k2_1t.yaml")
-    layout.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set parallel.rank_order=pp,ep,dp (repeatable)")
-    size = layout.add_mutually_exclusive_group(required=True)
-    size.add_argument("--nodes", type=_positive_int, metavar="N",
-                      help="nodes of parallel.gpus_per_node GPUs each")
-    size.add_argument("--world-size", type=_positive_int, metavar="N", help="ranks in all")
-    layout.add_argument("--ranks", type=_rank_list, metavar="R,R,...",
-                        help="ranks to describe, e.g. 0,17,255 (default: 0 and a few representative ones)")
+    add_world_arguments(layout)
     layout.add_argument("--params", action="store_true",
                         help="also build the chosen ranks' model parts on the meta device and count their parameters")
     layout.set_defaults(func=run_layout)
     return layout
 
 
-def run_layout(args: argparse.Namespace) -> int:
-    """Load the config, build its layout on the requested world and print the report."""
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE [--set K=V]... (--nodes N | --world-size N) [--ranks R,R]`, shared by the
+    commands that describe a config on a world it is not running on."""
+    parser.add_argument("--config", required=True, metavar="FILE", help="a YAML job config, e.g. configs/k2_1t.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set parallel.rank_order=pp,ep,dp (repeatable)")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--nodes", type=_positive_int, metavar="N", help="nodes of parallel.gpus_per_node GPUs each")
+    size.add_argument("--world-size", type=_positive_int, metavar="N", help="ranks in all")
+    parser.add_argument("--ranks", type=_rank_list, metavar="R,R,...",
+                        help="ranks to describe, e.g. 0,17,255 (default: 0 and a few representative ones)")
+
+
+def config_and_world(args: argparse.Namespace) -> tuple[JobConfig, int, str]:
+    """The config of `add_world_arguments`, the world size asked for, and a source for messages."""
     cfg = load_config(args.config, args.set)
     world = args.world_size if args.world_size is not None else args.nodes * cfg.parallel.gpus_per_node
     sets = "".join(f" --set {s}" for s in args.set)
     size = f"--world-size {world}" if args.world_size is not None else f"--nodes {args.nodes} ({world} ranks)"
-    source = f"{args.config}{sets} with {size}"
+    return cfg, world, f"{args.config}{sets} with {size}"
+
+
+def run_layout(args: argparse.Namespace) -> int:
+    """Load the config, build its layout on the requested world and print the report."""
+    cfg, world, source = config_and_world(args)
     dp = validate_world(cfg, world, source)
     try:
         layout = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers,

@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from k2train.config.load import load_config
 from k2train.config.schema import JobConfig
 from parallel.layout import Layout, LayoutError, RankCoords
-from parallel.layout_report import _positive_int, _rank_list, representative_ranks
+from parallel.layout_report import add_world_arguments, config_and_world, representative_ranks
 
 if TYPE_CHECKING:
     from parallel.ownership import OptItem, OwnerLoad
@@ -212,14 +211,7 @@ def add_optimizer_plan_parser(subparsers: argparse._SubParsersAction) -> argpars
     plan = subparsers.add_parser(
         "optimizer-plan",
         help="print the ZeRO-1 MuonClip ownership of a config's optimizer state on a given number of nodes")
-    plan.add_argument("--config", required=True, metavar="FILE", help="a YAML job config, e.g. configs/k2_1t.yaml")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value, e.g. --set parallel.ep=8 (repeatable)")
-    size = plan.add_mutually_exclusive_group(required=True)
-    size.add_argument("--nodes", type=_positive_int, metavar="N", help="nodes of parallel.gpus_per_node GPUs each")
-    size.add_argument("--world-size", type=_positive_int, metavar="N", help="ranks in all")
-    plan.add_argument("--ranks", type=_rank_list, metavar="R,R,...",
-                      help="ranks to describe, e.g. 0,17,255 (default: 0 and a few representative ones)")
+    add_world_arguments(plan)
     plan.set_defaults(func=run_optimizer_plan)
     return plan
 
@@ -228,11 +220,7 @@ def run_optimizer_plan(args: argparse.Namespace) -> int:
     """Load the config, lay it out on the requested world, assign owners and print the plan."""
     from parallel.trainer import layout_for  # validates the layout; imports torch.distributed
 
-    cfg = load_config(args.config, args.set)
-    world = args.world_size if args.world_size is not None else args.nodes * cfg.parallel.gpus_per_node
-    sets = "".join(f" --set {s}" for s in args.set)
-    size = f"--world-size {world}" if args.world_size is not None else f"--nodes {args.nodes} ({world} ranks)"
-    source = f"{args.config}{sets} with {size}"
+    cfg, world, source = config_and_world(args)
     try:
         layout = layout_for(cfg, world, source)
         ranks = representative_ranks(layout) if args.ranks is None else args.ranks

@@ -16,7 +16,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import parallel.optimizer_plan as optimizer_plan
 from k2train.config.checks import ConfigError
-from k2train.config.load import load_config
 from k2train.config.schema import ModelConfig
 from k2train.model import K2Model, ModelPart
 from k2train.optim.muon_clip import split_param_groups

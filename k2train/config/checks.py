@@ -252,19 +252,25 @@ def check_batch(cfg: JobConfig, dp: int, source: str, dp_note: str = "") -> None
         f"are {nearest}.")
 
 
-def resolve_dp(parallel: ParallelConfig, world_size: int, source: str) -> int:
-    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp (DESIGN §2)."""
+def world_problem(parallel: ParallelConfig, world_size: int) -> str | None:
+    """Why `world_size` ranks cannot hold the layout (world = pp * ep * dp, DESIGN §2), or None."""
     copy = parallel.pp * parallel.ep
     if world_size < 1 or world_size % copy:
-        raise ConfigError(
-            f"{source}: a world of {world_size} ranks is not a multiple of parallel.pp "
-            f"{parallel.pp} x parallel.ep {parallel.ep} = {copy} ranks per model copy.")
+        return (f"a world of {world_size} ranks is not a multiple of parallel.pp {parallel.pp} x "
+                f"parallel.ep {parallel.ep} = {copy} ranks per model copy.")
     if parallel.dp is not None and parallel.dp * copy != world_size:
-        raise ConfigError(
-            f"{source}: parallel.pp {parallel.pp} x parallel.ep {parallel.ep} x parallel.dp "
-            f"{parallel.dp} = {parallel.dp * copy} ranks, but the world has {world_size}; set "
-            f"parallel.dp to {world_size // copy} or null.")
-    return world_size // copy
+        return (f"parallel.pp {parallel.pp} x parallel.ep {parallel.ep} x parallel.dp {parallel.dp} = "
+                f"{parallel.dp * copy} ranks, but the world has {world_size}; set parallel.dp to "
+                f"{world_size // copy} or null.")
+    return None
+
+
+def resolve_dp(parallel: ParallelConfig, world_size: int, source: str) -> int:
+    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp (DESIGN §2)."""
+    problem = world_problem(parallel, world_size)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return world_size // (parallel.pp * parallel.ep)
 
 
 def validate_world(cfg: JobConfig, world_size: int, source: str) -> int:
