@@ -6,8 +6,8 @@
 #      (pp 2 x vp 2 x ep 2 x dp 1) for a few steps; checks the exit code and the losses it wrote;
 #   2. launch/slurm/task_per_gpu.sbatch: the same world as 4 Slurm tasks; the losses must equal 1's;
 #   3. bad launches, each of which must fail within seconds naming the problem: one node (a world
-#      of 2 the layout cannot use), a config file that does not exist, and a rendezvous address
-#      nothing listens on, in both modes.
+#      of 2 the layout cannot use), a config file that does not exist, and a rendezvous host that
+#      cannot be reached (a name that does not resolve), in both modes.
 # The daemons are stopped by PID on exit, whatever happened.
 set -euo pipefail
 
@@ -17,8 +17,9 @@ DIR=${K2TRAIN_SLURM_DIR:-/tmp/k2train-slurm}
 OUT="$DIR/jobs"
 PY="$REPO/.venv/bin/python"
 STEPS=5
-# An address reserved for documentation (RFC 5737): nothing answers there.
-UNREACHABLE=192.0.2.1
+# A rendezvous host that cannot be reached: a name under .invalid (RFC 2606) never resolves, so
+# the test sends no traffic off this machine. (The in-suite tests time out a rendezvous on loopback.)
+UNREACHABLE=no-such-node.invalid
 
 fail() { echo "slurm-test: FAIL: $*" >&2; exit 1; }
 
@@ -90,9 +91,9 @@ expect_failure missing-config 20 "config file configs/no_such.yaml does not exis
 
 export K2TRAIN_MASTER_ADDR=$UNREACHABLE K2TRAIN_RENDEZVOUS_TIMEOUT=3
 submit unreachable-tasks fail task_per_gpu.sbatch --ntasks-per-node=2 -- "${TRAIN_ARGS[@]}"
-expect_failure unreachable-tasks 40 "could not reach the rendezvous at $UNREACHABLE"
+expect_failure unreachable-tasks 40 "rendezvous host $UNREACHABLE does not resolve"
 submit unreachable-torchrun fail torchrun_per_node.sbatch -- "${TRAIN_ARGS[@]}"
-expect_failure unreachable-torchrun 40 "did not all meet in torchrun's rendezvous at $UNREACHABLE"
+expect_failure unreachable-torchrun 40 "rendezvous host $UNREACHABLE does not resolve"
 unset K2TRAIN_MASTER_ADDR K2TRAIN_RENDEZVOUS_TIMEOUT
 
 echo "slurm-test: PASS (job logs and run directories in $OUT)"
