@@ -57,6 +57,7 @@ class ParallelRunner:
         for part in parts:
             part.to(device=state.device, dtype=dtype)
             part.use_fp8_activation_storage(cfg.memory.fp8_activations)
+            part.use_selective_recompute(cfg.memory.selective_recompute)
             apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep)
         self.model = RankModel(parts)
         self.micro_batches = micro_batches_per_step(cfg, layout.dp)

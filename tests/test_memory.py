@@ -51,3 +51,23 @@ def test_loop_reference_experts_ignore_the_flag():
     model.use_fp8_activation_storage()
     tokens = torch.randint(0, CFG.vocab_size, (1, 16))
     assert torch.equal(model(tokens).output, K2Model(dataclasses.replace(CFG, expert_impl="loop"), seed=1)(tokens).output)
+
+
+def test_selective_recompute_gives_the_same_gradients_bit_for_bit_and_saves_less():
+    tokens = torch.randint(0, CFG.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
+    for fp8 in (False, True):
+        plain, recomputing = K2Model(CFG, seed=2), K2Model(CFG, seed=2)
+        for model in (plain, recomputing):
+            model.use_fp8_activation_storage(fp8)
+        recomputing.use_selective_recompute()
+        logits_plain, grads_plain = _run(plain, tokens)
+        logits_re, grads_re = _run(recomputing, tokens)
+        assert torch.equal(logits_plain, logits_re)
+        for name, grad in grads_plain.items():
+            assert torch.equal(grad, grads_re[name]), (fp8, name)
+    counts = {}
+    for enabled in (False, True):
+        model = K2Model(CFG, seed=2)
+        model.use_selective_recompute(enabled)
+        counts[enabled] = saved_bytes(lambda t: model(t).output, tokens, exclude=list(model.parameters()))
+    assert counts[True] < 0.8 * counts[False], counts

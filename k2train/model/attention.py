@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2train.config.schema import ModelConfig
+from k2train.memory.recompute import recomputed
 from k2train.model.norm import RMSNorm
 from k2train.model.rope import apply_rope
 
@@ -33,6 +34,10 @@ def causal_attention_with_max_logits(
     max_logit_H = logits_BHSS.detach().amax(dim=(0, 2, 3)).float()
     probs_BHSS = F.softmax(logits_BHSS, dim=-1, dtype=torch.float32).to(q_BHSK.dtype)
     return torch.matmul(probs_BHSS, v_BHSV), max_logit_H
+
+
+def _up_project(latent: torch.Tensor, norm: nn.Module, proj: nn.Module) -> torch.Tensor:
+    return proj(norm(latent))
 
 
 class MLA(nn.Module):
@@ -58,6 +63,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
+        self.recompute = False
 
     def forward(
         self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor
@@ -65,11 +71,16 @@ class MLA(nn.Module):
         B, S, _ = x_BSD.shape
         H, dn, dr, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
 
-        q_BHSK = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD))).view(B, S, H, dn + dr).transpose(1, 2)
+        # The up-projections (latent norm + q_b / kv_b) are cheap and their outputs large: with
+        # memory.selective_recompute only the low-rank latents are kept for backward (K2 §2.4.3).
+        q_latent = self.q_a_proj(x_BSD)
+        q_BHSK = recomputed(self.recompute, _up_project, q_latent, self.q_a_layernorm, self.q_b_proj)
+        q_BHSK = q_BHSK.view(B, S, H, dn + dr).transpose(1, 2)
         q_nope, q_rope = q_BHSK.split([dn, dr], dim=-1)
 
         latent, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, dr], dim=-1)
-        kv_BHSK = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, S, H, dn + dv).transpose(1, 2)
+        kv_BHSK = recomputed(self.recompute, _up_project, latent, self.kv_a_layernorm, self.kv_b_proj)
+        kv_BHSK = kv_BHSK.view(B, S, H, dn + dv).transpose(1, 2)
         k_nope, v_BHSV = kv_BHSK.split([dn, dv], dim=-1)
 
         # Decoupled RoPE: one rope key per position, shared by every head.

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2train.memory.fp8 import fp8_saved_linear, fp8_saved_swiglu
+from k2train.memory.recompute import recomputed
 
 
 class SwiGLU(nn.Module):
@@ -14,12 +15,19 @@ class SwiGLU(nn.Module):
         super().__init__()
         # memory.fp8_activations: keep the up-projection and SwiGLU inputs for backward as FP8 tiles.
         self.fp8_storage = False
+        # memory.selective_recompute: SwiGLU and the down-projection keep only gate and up.
+        self.recompute = False
         self.gate_proj = nn.Linear(dim, intermediate, bias=False)
         self.up_proj = nn.Linear(dim, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_storage:
-            gate = fp8_saved_linear(x, self.gate_proj.weight)
-            return self.down_proj(fp8_saved_swiglu(gate, fp8_saved_linear(x, self.up_proj.weight)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = fp8_saved_linear(x, self.gate_proj.weight), fp8_saved_linear(x, self.up_proj.weight)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return recomputed(self.recompute, self._activate_down, gate, up)
+
+    def _activate_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        hidden = fp8_saved_swiglu(gate, up) if self.fp8_storage else F.silu(gate) * up
+        return self.down_proj(hidden)

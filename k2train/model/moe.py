@@ -23,6 +23,7 @@ from torch import nn
 
 from k2train.config.schema import ModelConfig
 from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_swiglu
+from k2train.memory.recompute import recomputed
 from k2train.model.ffn import SwiGLU
 
 
@@ -67,6 +68,8 @@ class Experts(nn.Module):
         self.impl = cfg.expert_impl
         # memory.fp8_activations (K2 §2.4.3): the up-projection and SwiGLU inputs wait for backward as FP8.
         self.fp8_storage = False
+        # memory.selective_recompute (K2 §2.4.3): SwiGLU and the down-projection run again in backward.
+        self.recompute = False
 
     @property
     def num_local(self) -> int:
@@ -77,13 +80,14 @@ class Experts(nn.Module):
         if self.impl == "loop":
             return self.forward_loop(x_ND, counts_E)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-        if self.fp8_storage:
-            gate_NI = fp8_saved_grouped_mm(x_ND, self.gate_proj.transpose(-2, -1), offsets_E)
-            up_NI = fp8_saved_grouped_mm(x_ND, self.up_proj.transpose(-2, -1), offsets_E)
-            return torch._grouped_mm(fp8_saved_swiglu(gate_NI, up_NI), self.down_proj.transpose(-2, -1), offs=offsets_E)
-        gate_NI = torch._grouped_mm(x_ND, self.gate_proj.transpose(-2, -1), offs=offsets_E)
-        up_NI = torch._grouped_mm(x_ND, self.up_proj.transpose(-2, -1), offs=offsets_E)
-        return torch._grouped_mm(F.silu(gate_NI) * up_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)
+        up_projection = fp8_saved_grouped_mm if self.fp8_storage else _grouped_mm
+        gate_NI = up_projection(x_ND, self.gate_proj.transpose(-2, -1), offsets_E)
+        up_NI = up_projection(x_ND, self.up_proj.transpose(-2, -1), offsets_E)
+        return recomputed(self.recompute, self._activate_down, gate_NI, up_NI, offsets_E)
+
+    def _activate_down(self, gate_NI: torch.Tensor, up_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        hidden_NI = fp8_saved_swiglu(gate_NI, up_NI) if self.fp8_storage else F.silu(gate_NI) * up_NI
+        return torch._grouped_mm(hidden_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)
 
     def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The reference: one plain SwiGLU per expert over its rows."""
@@ -92,6 +96,10 @@ class Experts(nn.Module):
             h_MI = F.silu(x_MD @ self.gate_proj[e].T) * (x_MD @ self.up_proj[e].T)
             outputs.append(h_MI @ self.down_proj[e].T)
         return torch.cat(outputs)
+
+
+def _grouped_mm(x_ND: torch.Tensor, w_EDI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x_ND, w_EDI, offs=offsets_E)
 
 
 class ExpertExchange(Protocol):

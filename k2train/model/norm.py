@@ -3,14 +3,20 @@
 import torch
 from torch import nn
 
+from k2train.memory.recompute import recomputed
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.recompute = False  # memory.selective_recompute: keep only x for backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return recomputed(self.recompute, self._normalise, x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x_f32 = x.float()
         x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_f32.to(x.dtype)

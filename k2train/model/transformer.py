@@ -140,6 +140,13 @@ class K2Model(nn.Module):
             if hasattr(module, "fp8_storage"):
                 module.fp8_storage = enabled
 
+    def use_selective_recompute(self, enabled: bool = True) -> None:
+        """memory.selective_recompute: RMSNorms, SwiGLU with the down-projections (dense, shared and
+        routed experts) and the MLA up-projections keep only their inputs and run again in backward."""
+        for module in self.modules():
+            if hasattr(module, "recompute"):
+                module.recompute = enabled
+
     def moe_layers(self) -> list[int]:
         """Global indices of this part's MoE layers, in order."""
         return [int(i) for i, block in self.layers.items() if block.is_moe]

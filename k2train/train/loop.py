@@ -70,7 +70,7 @@ class RunResult:
 
 def check_supported(cfg: JobConfig) -> None:
     """Refuse, with one sentence each, the features this trainer does not run yet."""
-    for key in ("selective_recompute", "activation_offload", "optimizer_offload"):
+    for key in ("activation_offload", "optimizer_offload"):
         if getattr(cfg.memory, key):
             raise NotImplementedError(f"memory.{key}=true is not implemented yet; set it to false.")
 
