@@ -75,10 +75,11 @@ def _shared_data_prefix(cfg: JobConfig, state: ParallelState) -> str:
     """The data prefix; the embedded corpus is prepared by rank 0 alone while the others wait."""
     if cfg.data.prefix or not state.is_distributed:
         return data_prefix(cfg)
-    ready = torch.zeros(1)
+    ready = torch.zeros(1, device=state.device)  # on the device: NCCL broadcasts device tensors only
+    prefix = None
     if state.rank == 0:
         try:
-            data_prefix(cfg)
+            prefix = data_prefix(cfg)
             ready.fill_(1)
         finally:
             dist.broadcast(ready, src=0)
@@ -86,4 +87,4 @@ def _shared_data_prefix(cfg: JobConfig, state: ParallelState) -> str:
         dist.broadcast(ready, src=0)
     if not ready.item():
         raise RuntimeError("rank 0 could not prepare the default corpus; see its error.")
-    return data_prefix(cfg)
+    return prefix or data_prefix(cfg)  # the others find it prepared
