@@ -35,6 +35,11 @@ LATEST = "latest"
 FORMAT = 1
 
 
+def router_bias_key(layer: int) -> str:
+    """The checkpoint key of MoE layer `layer`'s aux-loss-free selection bias (a buffer, not a parameter)."""
+    return f"buffer/layers.{layer}.mlp.gate.e_score_correction_bias"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or from another model; names the file."""
 

@@ -22,7 +22,8 @@ from k2train.config.load import load_config
 from k2train.config.schema import JobConfig, ModelConfig
 from k2train.model import K2Model
 from k2train.model.hf_names import from_hf_state_dict, hf_config_dict, to_hf_state_dict
-from parallel.checkpoint import MANIFEST, CheckpointError, Checkpointer, latest_checkpoint
+from parallel.checkpoint import MANIFEST, CheckpointError, Checkpointer, latest_checkpoint, router_bias_key
+from parallel.ownership import expert_key, is_expert_param
 
 INDEX = "model.safetensors.index.json"
 
@@ -31,12 +32,12 @@ def model_views(model: K2Model) -> dict[str, torch.Tensor]:
     """The checkpoint keys of a whole model: model/<name> (model/<name>[e] per expert), buffer/<bias>."""
     views = {}
     for name, param in model.named_parameters():
-        if ".mlp.experts." in name:
-            views.update({f"model/{name}[{e}]": expert for e, expert in enumerate(param.data)})
+        if is_expert_param(name):
+            views.update({f"model/{expert_key(name, e)}": expert for e, expert in enumerate(param.data)})
         else:
             views[f"model/{name}"] = param.data
     for layer, bias in zip(model.moe_layers(), model.router_biases(), strict=True):
-        views[f"buffer/layers.{layer}.mlp.gate.e_score_correction_bias"] = bias
+        views[router_bias_key(layer)] = bias
     return views
 
 

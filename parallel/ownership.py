@@ -31,6 +31,11 @@ MUON_STATE_BYTES = 4
 ADAMW_STATE_BYTES = 8
 
 
+def expert_key(name: str, expert: int) -> str:
+    """The item key of global expert `expert` of a 3-D expert stack `name` (also its checkpoint key)."""
+    return f"{name}[{expert}]"
+
+
 def is_expert_param(name: str) -> bool:
     """Routed-expert parameters: sharded over EP, their gradients reduced over DP only (DESIGN §2)."""
     return ".mlp.experts." in name
@@ -80,7 +85,7 @@ def items_of(named_params: Iterable[tuple[str, torch.Tensor | Sequence[int]]], f
             continue
         shape = tuple(tensor.shape)
         if name in muon_names and is_expert_param(name) and len(shape) == 3:
-            items += [OptItem(f"{name}[{first_expert + i}]", shape[1:], True) for i in range(shape[0])]
+            items += [OptItem(expert_key(name, first_expert + i), shape[1:], True) for i in range(shape[0])]
         else:
             items.append(OptItem(name, shape, name in muon_names))
     return items

@@ -19,7 +19,7 @@ from k2train.data.sampler import SequenceSampler
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
-from parallel.checkpoint import latest_checkpoint
+from parallel.checkpoint import latest_checkpoint, router_bias_key
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
 from parallel.state import ParallelState
@@ -169,7 +169,7 @@ class ParallelRunner:
         """Logical key -> live view of everything this rank saves or restores (parallel/checkpoint.py)."""
         tensors = self.optimizer.checkpoint_tensors()
         for layer, bias in zip(self.model.moe_layer_ids(), self.model.router_biases(), strict=True):
-            tensors[f"buffer/layers.{layer}.mlp.gate.e_score_correction_bias"] = bias
+            tensors[router_bias_key(layer)] = bias
         return tensors
 
     def attach_checkpointer(self, checkpointer, layout_header: dict) -> None:
