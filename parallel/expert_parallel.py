@@ -50,13 +50,14 @@ class AllToAllExchange:
         send_counts_RL = counts_E.view(self.ep_size, E_local).contiguous()
         recv_counts_RL = torch.empty_like(send_counts_RL)
         dist.all_to_all_single(recv_counts_RL, send_counts_RL, group=self.group)  # counts first
-        in_splits = send_counts_RL.sum(dim=1).tolist()
-        out_splits = recv_counts_RL.sum(dim=1).tolist()
+        # The exchange's one host sync: both split lists in one read-back.
+        in_splits, out_splits = torch.stack([send_counts_RL.sum(dim=1), recv_counts_RL.sum(dim=1)]).tolist()
 
         x_MD = _AllToAll.apply(x_ND, out_splits, in_splits, self.group)
         # Arrivals are grouped by source rank; the grouped GEMM wants them grouped by local expert.
         local_expert_M = torch.arange(E_local, device=x_ND.device).repeat(self.ep_size)
-        local_expert_M = local_expert_M.repeat_interleave(recv_counts_RL.flatten())
+        # output_size is known here; without it repeat_interleave reads the total back (another sync).
+        local_expert_M = local_expert_M.repeat_interleave(recv_counts_RL.flatten(), output_size=sum(out_splits))
         by_expert_M = torch.argsort(local_expert_M, stable=True)
         y_MD = experts(x_MD[by_expert_M], recv_counts_RL.sum(dim=0))
         y_MD = y_MD[torch.argsort(by_expert_M)]

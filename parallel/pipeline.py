@@ -17,6 +17,7 @@ from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B,
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 
 from k2train.config.schema import ModelConfig
+from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
 from parallel.schedule_table import timeline
 
@@ -88,20 +89,31 @@ class StageModule(nn.Module):
     also records when its forward and backward passes actually run.
     """
 
-    def __init__(self, model: K2Model, stage: int, trace: list | None = None):
+    def __init__(self, model: K2Model, stage: int, trace: list | None = None, saved: SavedActivations | None = None):
         super().__init__()
         self.model = model
         self.stage = stage
         self.trace = trace
+        # Saved-tensor hooks (activation offload, byte accounting); micro-batch m of this stage is
+        # the key (stage, m): forwards, like backwards, run in micro-batch order on a stage.
+        self.saved = saved
         self.reset_stats()
 
     def reset_stats(self) -> None:
         cfg = self.model.cfg
+        self.forwards = 0
         self.max_logits_LH = torch.full((len(self.model.part.layers), cfg.num_heads), float("-inf"))
         self.counts_ME = torch.zeros(len(self.model.moe_layers()), cfg.num_experts, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        key = (self.stage, self.forwards)
+        self.forwards += 1
+        if self.saved is None:
+            out = self.model(x)
+        else:
+            with self.saved.record(key, tokens=x.shape[0] * x.shape[1]):
+                out = self.model(x)
+            out.output = self.saved.mark_backward_start(out.output, key)
         with torch.no_grad():
             self.max_logits_LH = torch.maximum(self.max_logits_LH.to(x.device), out.max_logits_LH)
             self.counts_ME = self.counts_ME.to(x.device) + out.expert_counts_ME

@@ -12,10 +12,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining.schedules import _ComputationType
 
 from k2train.config.checks import micro_batches_per_step
 from k2train.config.schema import JobConfig
 from k2train.data.sampler import SequenceSampler
+from k2train.memory.offload import ActivationOffloader
+from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
@@ -47,7 +50,8 @@ class RankModel(nn.Module):
 
 
 class ParallelRunner:
-    def __init__(self, cfg: JobConfig, state: ParallelState, sampler: SequenceSampler, trace_schedule: bool = False):
+    def __init__(self, cfg: JobConfig, state: ParallelState, sampler: SequenceSampler, trace_schedule: bool = False,
+                 measure_activations: bool = False):
         self.cfg, self.state, self.sampler = cfg, state, sampler
         layout, coords = state.layout, state.coords
         self.split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
@@ -62,11 +66,16 @@ class ParallelRunner:
         self.model = RankModel(parts)
         self.micro_batches = micro_batches_per_step(cfg, layout.dp)
         self.tokens_per_step = cfg.train.global_batch_tokens
+        # memory.activation_offload (K2 §2.4.3): saved activations wait for backward in host memory.
+        # The same hooks count the bytes saved per layer (also without offload, when asked).
+        self.offloader = ActivationOffloader(state.device) if cfg.memory.activation_offload else None
+        self.saved = (SavedActivations(parts, self.offloader)
+                      if self.offloader is not None or measure_activations else None)
         self.schedule = None
         if layout.pp > 1:
             # The executed order of stage forwards and backwards, kept only when asked for (tests).
             self.trace: list[tuple[str, int]] | None = [] if trace_schedule else None
-            self.stage_modules = [StageModule(part, s, self.trace) for part, s in zip(parts, self.stage_indices)]
+            self.stage_modules = [StageModule(part, s, self.trace, self.saved) for part, s in zip(parts, self.stage_indices)]
             self.schedule = build_schedule(
                 self.stage_modules, self.stage_indices, layout.num_stages, self.micro_batches,
                 cfg.parallel.schedule, state.pipeline_group, state.device,
@@ -79,6 +88,7 @@ class ParallelRunner:
             [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
             state.dense_group, state.expert_grad_group, cfg.optimizer,
             (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim), state.is_distributed,
+            offload=cfg.memory.optimizer_offload, chunk_bytes=cfg.memory.optimizer_chunk_bytes,
         )
 
     # -- the step --------------------------------------------------------------------------------
@@ -91,6 +101,8 @@ class ParallelRunner:
             self.micro_batches * mbs, rank=self.state.sequence_rank, world=self.state.layout.sequence_ranks
         )
         inputs_BS, labels_BS = inputs_BS.to(self.state.device), labels_BS.to(self.state.device)
+        if self.offloader is not None:
+            self.offloader.expect(self._backward_order())
         if self.schedule is None:
             loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
         else:
@@ -104,9 +116,15 @@ class ParallelRunner:
         model = self.model.parts[0]
         loss_sum = torch.zeros((), device=self.state.device)
         max_logits, counts = None, None
-        for x_BS, y_BS in zip(inputs_BS.chunk(self.micro_batches), labels_BS.chunk(self.micro_batches)):
-            out = model(x_BS)
-            loss = lm_loss(out.output, y_BS)
+        for index, (x_BS, y_BS) in enumerate(zip(inputs_BS.chunk(self.micro_batches), labels_BS.chunk(self.micro_batches))):
+            if self.saved is None:
+                out = model(x_BS)
+                output = out.output
+            else:
+                with self.saved.record((0, index), tokens=x_BS.numel()):
+                    out = model(x_BS)
+                output = self.saved.mark_backward_start(out.output, (0, index))
+            loss = lm_loss(output, y_BS)
             loss.backward()
             loss_sum += loss.detach()
             max_logits = out.max_logits_LH if max_logits is None else torch.maximum(max_logits, out.max_logits_LH)
@@ -125,6 +143,15 @@ class ParallelRunner:
         max_logits = torch.cat([m.max_logits_LH for m in self.stage_modules])
         counts = torch.cat([m.counts_ME for m in self.stage_modules])
         return loss_sum, max_logits, counts
+
+    def _backward_order(self) -> list[tuple[int, int]]:
+        """(stage, micro-batch) of this rank's backwards in the order its schedule runs them."""
+        if self.schedule is None:
+            return [(0, m) for m in range(self.micro_batches)]
+        starts = (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_INPUT)
+        actions = self.schedule.pipeline_order[self.state.coords.pp]
+        return [(a.stage_index, a.microbatch_index) for a in actions
+                if a is not None and a.computation_type in starts]
 
     @torch.no_grad()
     def _global_stats(self, loss_sum, local_max_logits_LH, local_counts_ME) -> StepResult:

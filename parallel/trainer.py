@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
-from k2train.train.loop import RunResult, check_supported, data_prefix, open_sampler, train
+from k2train.train.loop import RunResult, data_prefix, open_sampler, train
 from parallel.checkpoint import Checkpointer
 from parallel.layout import Layout, make_layout
 from parallel.pipeline import describe_split
@@ -42,7 +42,6 @@ def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched worl
 def run_training(cfg: JobConfig, env: LaunchEnv | None = None) -> RunResult:
     """Train `cfg` as this process's rank of the launched world."""
     env = launch_env() if env is None else env
-    check_supported(cfg)
     layout = layout_for(cfg, env.world_size)
     device = device_for(cfg.parallel.device, env.local_rank)
     state = init_parallel(layout, env, device)

@@ -9,9 +9,11 @@ FLOPs, largest first onto the least-loaded rank). Per step and group:
    regions, region r holding (padded) the items rank r owns;
 2. one reduce_scatter over the group delivers to each owner the summed full gradients of its
    items, and nothing else;
-3. the owner updates its float32 master weights: Muon (Newton-Schulz once per matrix, same-shape
-   matrices batched) or AdamW, with the same per-tensor rules as the single-process MuonClip;
-4. QK-Clip scales the owned q_b_proj / kv_b_proj master rows (the max logits are already global);
+3. the owner updates its float32 master weights chunk by chunk (`parallel/optimizer_offload.py`;
+   the states stay on the device or, with memory.optimizer_offload, in host memory): Muon
+   (Newton-Schulz once per matrix, the chunk's same-shape matrices batched) or AdamW, with the same
+   per-tensor rules as the single-process MuonClip;
+4. QK-Clip scales the chunk's owned q_b_proj / kv_b_proj master rows (the max logits are already global);
 5. one all_gather (in the parameters' dtype, so bf16 parameters move half the bytes) gives every
    rank the new values of every parameter it holds, so replicas stay bit-identical.
 Newton-Schulz therefore runs exactly once per matrix across the group, unlike Moonlight's
@@ -31,6 +33,7 @@ from k2train.config.schema import OptimizerConfig
 from k2train.optim.muon_clip import adamw_update_, apply_muon_update_, muon_momentum_
 from k2train.optim.newton_schulz import newton_schulz_many
 from k2train.optim.qk_clip import clip_kv_rows_, clip_q_rows_, qk_clip_scales
+from parallel.optimizer_offload import DEFAULT_CHUNK_BYTES, ChunkStates, DeviceStates, OffloadedStates, Piece
 from parallel.ownership import OptItem, assign_owners, is_expert_param, items_of
 
 
@@ -61,7 +64,8 @@ class ShardGroup:
     """The items of one gradient-reduction group, as this rank sees them."""
 
     def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]], first_expert: int,
-                 group: dist.ProcessGroup | None, cfg: OptimizerConfig):
+                 group: dist.ProcessGroup | None, cfg: OptimizerConfig, offload: bool = False,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.group = group
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
@@ -81,14 +85,12 @@ class ShardGroup:
         self.grads = torch.zeros(self.size * self.region, dtype=torch.float32, device=device)
         self.owned = [s for s in self.slots if s.owner == self.rank]
         self.grad_region = torch.zeros(self.region, dtype=torch.float32, device=device)
-        # Owner state: float32 master weights, Muon momentum / AdamW first moment, AdamW second moment.
-        self.master = torch.zeros(self.region, dtype=torch.float32, device=device)
-        self.moment1 = torch.zeros(self.region, dtype=torch.float32, device=device)
-        self.moment2 = {s.item.key: torch.zeros(s.item.shape, dtype=torch.float32, device=device)
-                        for s in self.owned if not s.item.muon}
+        # Owner state: float32 master weights, Muon momentum / AdamW first moment, AdamW second moment,
+        # laid out in owner order as the gradient region is (the same offsets).
+        places = OffloadedStates if offload else DeviceStates
+        self.states = places([(s.item.shape, s.item.muon) for s in self.owned], chunk_bytes, device, self.region)
         self.adam_steps = 0
-        for slot in self.owned:
-            self._own(self.master, slot).copy_(slot.data.float())
+        self.masters_from_parameters()
         self.param_dtype = self.params[0].dtype if self.params else torch.float32
         self._slots_of = {id(p): [s for s in self.slots if s.param is p] for p in self.params}
         # Gradients leave the parameters as soon as autograd has accumulated them, so micro-batches
@@ -105,10 +107,19 @@ class ShardGroup:
     def _own(self, region: Tensor, slot: _Slot) -> Tensor:
         return region[slot.offset:slot.offset + slot.item.numel].view(slot.item.shape)
 
+    @property
+    def master(self) -> Tensor:
+        """The owner's flat float32 master weights (in host memory when offloaded)."""
+        return self.states.master
+
     def optimizer_state_bytes(self) -> int:
         """Bytes of master weights and optimizer states this rank keeps for the group."""
-        owned = sum(s.item.numel for s in self.owned)
-        return owned * 4 * 2 + sum(t.numel() * 4 for t in self.moment2.values())
+        return self.states.layout.state_bytes()
+
+    def optimizer_state_bytes_by_place(self) -> dict[str, int]:
+        """{"device": .., "host": ..}: all states on the device, or with offload all on the host and
+        the device holding only the working buffers of the largest chunk (RING sets)."""
+        return self.states.bytes_by_place()
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -139,38 +150,51 @@ class ShardGroup:
         return self.grad_region.double().square().sum()
 
     @torch.no_grad()
-    def update(self, lr: float, clip_coef: float) -> None:
-        """Muon and AdamW on the owned master weights (Newton-Schulz batched over same shapes)."""
+    def update(self, lr: float, clip_coef: float, gamma_by_layer: dict[int, Tensor] | None = None,
+               attention_dims: tuple[int, int, int] | None = None) -> None:
+        """Muon and AdamW on the owned master weights, chunk by chunk, each chunk's attention
+        matrices then QK-Clipped with `gamma_by_layer` (before the gather)."""
         if clip_coef < 1.0:
             self.grad_region.mul_(clip_coef)
-        cfg = self.cfg
-        muon = [s for s in self.owned if s.item.muon]
-        ns_inputs = [muon_momentum_(self._own(self.grad_region, s), self._own(self.moment1, s),
-                                    cfg.muon_momentum, cfg.nesterov) for s in muon]
-        dtype = getattr(torch, cfg.ns_dtype)
-        for slot, orthogonal in zip(muon, newton_schulz_many(ns_inputs, cfg.ns_steps, cfg.ns_coefficients, dtype)):
-            apply_muon_update_(self._own(self.master, slot), orthogonal, lr, cfg.weight_decay, cfg.update_rms)
         self.adam_steps += 1
-        for slot in (s for s in self.owned if not s.item.muon):
-            adamw_update_(self._own(self.master, slot), self._own(self.grad_region, slot), self._own(self.moment1, slot),
-                          self.moment2[slot.item.key], float(self.adam_steps), lr, cfg.weight_decay,
-                          cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+        for work in self.states.chunks(self.param_dtype):
+            self._update_chunk(work, lr)
+            if gamma_by_layer:
+                self._qk_clip_chunk(work, gamma_by_layer, attention_dims)
 
-    @torch.no_grad()
-    def qk_clip(self, gamma_by_layer: dict[int, Tensor], dims: tuple[int, int, int]) -> None:
-        """Scale the owned q_b_proj / kv_b_proj master rows of clipped heads (before the gather)."""
+    def _update_chunk(self, work: ChunkStates, lr: float) -> None:
+        """Muon (Newton-Schulz batched over the chunk's same-shape matrices) and AdamW on one chunk."""
+        cfg = self.cfg
+        muon = [p for p in work.pieces if self.owned[p.index].item.muon]
+        ns_inputs = [muon_momentum_(self._grad(p), work.moment1(p), cfg.muon_momentum, cfg.nesterov) for p in muon]
+        dtype = getattr(torch, cfg.ns_dtype)
+        for piece, orthogonal in zip(muon, newton_schulz_many(ns_inputs, cfg.ns_steps, cfg.ns_coefficients, dtype)):
+            apply_muon_update_(work.master(piece), orthogonal, lr, cfg.weight_decay, cfg.update_rms)
+        for piece in (p for p in work.pieces if not self.owned[p.index].item.muon):
+            adamw_update_(work.master(piece), self._grad(piece), work.moment1(piece), work.moment2(piece),
+                          float(self.adam_steps), lr, cfg.weight_decay, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+
+    def _grad(self, piece: Piece) -> Tensor:
+        """The piece's reduced gradient: the owned item's shape when whole (Muon's always are), else flat."""
+        slot = self.owned[piece.index]
+        if piece.stop - piece.start == slot.item.numel:
+            return self._own(self.grad_region, slot)
+        return self.grad_region[slot.offset + piece.start:slot.offset + piece.stop]
+
+    def _qk_clip_chunk(self, work: ChunkStates, gamma_by_layer: dict[int, Tensor], dims: tuple[int, int, int]) -> None:
+        """Scale the chunk's owned q_b_proj / kv_b_proj master rows of clipped heads (Muon matrices, whole)."""
         nope, rope, v = dims
-        for slot in self.owned:
-            layer, kind = _attention_matrix(slot.item.key)
+        for piece in work.pieces:
+            layer, kind = _attention_matrix(self.owned[piece.index].item.key)
             if layer in gamma_by_layer and kind == "q_b_proj":
-                clip_q_rows_(self._own(self.master, slot), gamma_by_layer[layer], nope, rope)
+                clip_q_rows_(work.master(piece), gamma_by_layer[layer], nope, rope)
             elif layer in gamma_by_layer and kind == "kv_b_proj":
-                clip_kv_rows_(self._own(self.master, slot), gamma_by_layer[layer], nope, v)
+                clip_kv_rows_(work.master(piece), gamma_by_layer[layer], nope, v)
 
     @torch.no_grad()
     def gather(self) -> None:
         """all_gather the owners' new values (in the parameter dtype) into every rank's parameters."""
-        mine = self.master.to(self.param_dtype)
+        mine = self.states.gather_input(self.param_dtype)
         if self.group is None:
             gathered = mine
         else:
@@ -182,20 +206,21 @@ class ShardGroup:
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """Views of what a checkpoint keeps, by logical key (layout-independent): every held
-        parameter value (an expert stack as one key per expert) and the owned optimizer state."""
+        parameter value (an expert stack as one key per expert) and the owned optimizer state
+        (views into host memory when offloaded)."""
         tensors = {f"model/{s.item.key}": s.data for s in self.slots}
-        for s in self.owned:
-            tensors[f"optim/master/{s.item.key}"] = self._own(self.master, s)
-            tensors[f"optim/moment1/{s.item.key}"] = self._own(self.moment1, s)
+        for i, s in enumerate(self.owned):
+            tensors[f"optim/master/{s.item.key}"] = self.states.master_view(i)
+            tensors[f"optim/moment1/{s.item.key}"] = self.states.moment1_view(i)
             if not s.item.muon:
-                tensors[f"optim/moment2/{s.item.key}"] = self.moment2[s.item.key]
+                tensors[f"optim/moment2/{s.item.key}"] = self.states.moment2_view(i)
         return tensors
 
     @torch.no_grad()
     def masters_from_parameters(self) -> None:
         """Start the owned master weights from the parameters (a checkpoint without optimizer state)."""
-        for slot in self.owned:
-            self._own(self.master, slot).copy_(slot.data.float())
+        for i, slot in enumerate(self.owned):
+            self.states.master_view(i).copy_(slot.data.float())
 
     def owned_gradients(self) -> dict[str, Tensor]:
         """The reduced gradients of the owned items (after `reduce`), by item key."""
@@ -219,11 +244,13 @@ class ShardedMuonClip:
 
     def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]], first_expert: int,
                  dense_group: dist.ProcessGroup | None, expert_group: dist.ProcessGroup | None,
-                 cfg: OptimizerConfig, attention_dims: tuple[int, int, int], distributed: bool):
+                 cfg: OptimizerConfig, attention_dims: tuple[int, int, int], distributed: bool,
+                 offload: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         dense = [(n, p) for n, p in named_params if not is_expert_param(n)]
         expert = [(n, p) for n, p in named_params if is_expert_param(n)]
-        self.groups = [ShardGroup(dense, first_expert, dense_group, cfg),
-                       ShardGroup(expert, first_expert, expert_group, cfg)]
+        places = dict(offload=offload, chunk_bytes=chunk_bytes)
+        self.groups = [ShardGroup(dense, first_expert, dense_group, cfg, **places),
+                       ShardGroup(expert, first_expert, expert_group, cfg, **places)]
         self.cfg = cfg
         self.attention_dims = attention_dims
         self.distributed = distributed
@@ -250,8 +277,7 @@ class ShardedMuonClip:
         if self.cfg.qk_clip:
             gammas = {layer: qk_clip_scales(max_logits_LH[layer], self.cfg.qk_clip_tau) for layer in layers}
         for group in self.groups:
-            group.update(lr, self.clip_coef)
-            group.qk_clip(gammas, self.attention_dims)
+            group.update(lr, self.clip_coef, gammas, self.attention_dims)
             group.gather()
 
     def owned_gradients(self) -> dict[str, Tensor]:
@@ -274,3 +300,8 @@ class ShardedMuonClip:
 
     def optimizer_state_bytes(self) -> int:
         return sum(group.optimizer_state_bytes() for group in self.groups)
+
+    def optimizer_state_bytes_by_place(self) -> dict[str, int]:
+        """This rank's optimizer-state bytes on the device and in host memory (memory.optimizer_offload)."""
+        places = [group.optimizer_state_bytes_by_place() for group in self.groups]
+        return {place: sum(p[place] for p in places) for place in ("device", "host")}

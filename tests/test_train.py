@@ -113,11 +113,9 @@ def test_nonfinite_loss_stops_with_step_and_last_good_metrics(tmp_path, corpus, 
     assert (tmp_path / "run" / "loss.png").is_file()
 
 
-def test_unimplemented_features_and_unfit_layouts_refuse_to_start(tmp_path, corpus):
+def test_unfit_layouts_refuse_to_start(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"needs 2 or more processes, but this is one; launch it with `torchrun"):
         train(tiny(tmp_path, corpus, "parallel.pp=2", "parallel.dp=null"))
-    with pytest.raises(NotImplementedError, match="memory.activation_offload"):
-        train(tiny(tmp_path, corpus, "memory.activation_offload=true"))
     assert not (tmp_path / "run").exists()
 
 

@@ -72,6 +72,7 @@ _BOUNDS: tuple[tuple[str, _Bound], ...] = (
     ("train.micro_batch_size", _ge(1)),
     ("train.seed", _ge(0)),
     ("train.loss_spike_factor", _ge(0)),
+    ("memory.optimizer_chunk_mb", _gt(0)),
     ("checkpoint.every_steps", _ge(0)),
     ("checkpoint.keep_last", _ge(1)),
     ("logging.log_every", _ge(1)),

@@ -118,7 +118,16 @@ class MemoryConfig:
     fp8_activations: bool = False
     selective_recompute: bool = False
     activation_offload: bool = False
+    # The owners' master weights and optimizer states live in host memory and reach the device a
+    # chunk at a time for the update (K2_REFERENCE §3: with few nodes, optimizer states go to CPU).
     optimizer_offload: bool = False
+    # The owner updates its items in chunks of at most this many MiB of float32 state, with offload
+    # on or off (the same chunks give the same bits); with offload, three chunks' buffers are on the device.
+    optimizer_chunk_mb: float = 256.0
+
+    @property
+    def optimizer_chunk_bytes(self) -> int:
+        return max(1, int(self.optimizer_chunk_mb * (1 << 20)))
 
 
 @dataclass(frozen=True)

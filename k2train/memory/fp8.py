@@ -4,7 +4,8 @@ K2 keeps the inputs of the MoE up-projections and of SwiGLU for backward as FP8-
 with one FP32 scale per tile, while every GEMM stays in the compute dtype (BF16): only what waits for
 backward is compressed. This file holds the building blocks:
 
-- `quantize_tiles` / `dequantize_tiles`: the tile format, as pure torch (CPU and GPU alike);
+- `quantize_tiles` / `dequantize_tiles`: the tile format; the pure torch code here is the reference,
+  and on a GPU fused Triton kernels (k2train/kernels/fp8_tiles.py) produce the same bits;
 - `fp8_saved_linear`, `fp8_saved_swiglu`, `fp8_saved_grouped_mm`: autograd functions whose forward
   is the plain op, bit for bit, and which save their activation inputs as FP8 tiles;
 - `saved_bytes`: the exact count of bytes autograd keeps for backward, taken by saved-tensor hooks.
@@ -40,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from k2train.kernels import use_triton
+
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 SCALE_FLOOR = torch.finfo(torch.float32).tiny  # 2^-126, the smallest normal FP32
@@ -70,11 +73,18 @@ class Fp8Tiles:
         return self.data.nbytes + self.scales.nbytes
 
 
+def _fp8_kernels_serve(t: torch.Tensor) -> bool:
+    """The fused Triton kernels (k2train/kernels/fp8_tiles.py) serve CUDA tensors on GPUs with FP8
+    conversions (compute capability 8.9 and up: Ada, Hopper); everything else runs the eager code."""
+    return use_triton(t) and torch.cuda.get_device_capability(t.device) >= (8, 9)
+
+
 def quantize_tiles(x: torch.Tensor, tile: int = TILE) -> Fp8Tiles:
     """x [..., K] (float32, bfloat16 or float16) -> FP8 tiles of 1 × `tile` along K, one FP32 scale each.
 
     When K % tile != 0 the last tile of each row is shorter: it is zero-padded for the amax only
-    (zeros never raise an amax) and the padding is dropped before storing.
+    (zeros never raise an amax) and the padding is dropped before storing. On a GPU one fused
+    Triton kernel does it, with the same bits as the eager reference below.
     """
     if x.dtype not in _INPUT_DTYPES:
         raise ValueError(f"quantize_tiles got a tensor of dtype {x.dtype}; expected one of {_INPUT_DTYPES}.")
@@ -82,6 +92,16 @@ def quantize_tiles(x: torch.Tensor, tile: int = TILE) -> Fp8Tiles:
         raise ValueError(
             f"quantize_tiles needs a tensor with a last dim and tile > 0; got shape {tuple(x.shape)}, tile {tile}."
         )
+    if _fp8_kernels_serve(x):
+        from k2train.kernels.fp8_tiles import quantize_tiles_triton
+
+        data, scales = quantize_tiles_triton(x, tile)
+        return Fp8Tiles(data=data, scales=scales, dtype=x.dtype, tile=tile)
+    return _quantize_tiles_eager(x, tile)
+
+
+def _quantize_tiles_eager(x: torch.Tensor, tile: int) -> Fp8Tiles:
+    """The reference of `quantize_tiles`, in plain torch (any device)."""
     K = x.shape[-1]
     num_tiles = math.ceil(K / tile)
     x32 = F.pad(x.float(), (0, num_tiles * tile - K))
@@ -100,21 +120,42 @@ def dequantize_tiles(t: Fp8Tiles, dtype: torch.dtype | None = None) -> torch.Ten
 
     The product q * scale is formed in FP32 and rounded once to the output dtype.
     """
+    if _fp8_kernels_serve(t.data):
+        from k2train.kernels.fp8_tiles import dequantize_tiles_triton
+
+        return dequantize_tiles_triton(t.data, t.scales, t.tile, dtype or t.dtype)
+    return _dequantize_tiles_eager(t, dtype)
+
+
+def _dequantize_tiles_eager(t: Fp8Tiles, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The reference of `dequantize_tiles`, in plain torch (any device)."""
     K = t.data.shape[-1]
     scales = t.scales.repeat_interleave(t.tile, dim=-1)[..., :K]  # [..., K]: each element's scale
     return (t.data.float() * scales).to(dtype or t.dtype)
 
 
-def _fp8_if(needed: bool, x: torch.Tensor, tile: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _fp8_if(needed: bool, x: torch.Tensor, tile: int, shared: Fp8Tiles | None = None
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(data, scales) of x's FP8 tiles for `save_for_backward`, or (None, None) if no gradient reads x.
 
     They go through save_for_backward, not ctx attributes, so saved-tensor hooks (the byte count,
-    CPU offload) see them.
+    CPU offload) see them. `shared` is x already quantised by the caller for several ops (gate and
+    up read the same x): every op then saves the same storage, which is kept, counted and
+    offloaded once.
     """
     if not needed:
         return None, None
-    packed = quantize_tiles(x, tile)
+    packed = quantize_tiles(x, tile) if shared is None else shared
     return packed.data, packed.scales
+
+
+def quantize_shared_input(x: torch.Tensor, *weights: torch.Tensor, tile: int = TILE) -> Fp8Tiles | None:
+    """x quantised once for every op in `weights`' layer that saves it (the gate and up
+    projections), or None when no weight will need a gradient (nothing is saved then)."""
+    if not torch.is_grad_enabled() or not any(w.requires_grad for w in weights):
+        return None
+    with torch.no_grad():  # a copy for backward, not part of the graph
+        return quantize_tiles(x, tile)
 
 
 def _unpack(data: torch.Tensor | None, scales: torch.Tensor | None, dtype: torch.dtype, tile: int) -> torch.Tensor:
@@ -127,9 +168,9 @@ class _Fp8SavedLinear(torch.autograd.Function):
     """y = x @ weightᵀ; x is saved as FP8 tiles along its last (input-feature) dim."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tile: int, shared: Fp8Tiles | None) -> torch.Tensor:
         # Only grad_weight reads x, so x is quantised only when the weight needs a gradient.
-        ctx.save_for_backward(weight, *_fp8_if(ctx.needs_input_grad[1], x, tile))
+        ctx.save_for_backward(weight, *_fp8_if(ctx.needs_input_grad[1], x, tile, shared))
         ctx.x_dtype, ctx.tile = x.dtype, tile
         return F.linear(x, weight)
 
@@ -143,7 +184,7 @@ class _Fp8SavedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x = _unpack(data, scales, ctx.x_dtype, ctx.tile)
             grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 class _Fp8SavedSwiGLU(torch.autograd.Function):
@@ -176,8 +217,9 @@ class _Fp8SavedGroupedMm(torch.autograd.Function):
     """out_NI = torch._grouped_mm(x_ND, w_EDI, offs); x_ND is saved as FP8 tiles along D."""
 
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, w_EDI: torch.Tensor, offs: torch.Tensor, tile: int) -> torch.Tensor:
-        ctx.save_for_backward(w_EDI, offs, *_fp8_if(ctx.needs_input_grad[1], x_ND, tile))
+    def forward(ctx, x_ND: torch.Tensor, w_EDI: torch.Tensor, offs: torch.Tensor, tile: int,
+                shared: Fp8Tiles | None) -> torch.Tensor:
+        ctx.save_for_backward(w_EDI, offs, *_fp8_if(ctx.needs_input_grad[1], x_ND, tile, shared))
         ctx.x_dtype, ctx.tile = x_ND.dtype, tile
         return torch._grouped_mm(x_ND, w_EDI, offs=offs)
 
@@ -197,15 +239,17 @@ class _Fp8SavedGroupedMm(torch.autograd.Function):
                 grad_w = torch._grouped_mm(x_ND.t(), grad_NI, offs=offs)
             else:
                 grad_w = torch._grouped_mm(grad_NI.t(), x_ND, offs=offs).transpose(-2, -1)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
-def fp8_saved_linear(x: torch.Tensor, weight: torch.Tensor, tile: int = TILE) -> torch.Tensor:
-    """x [..., K] @ weight [M, K]ᵀ -> [..., M], computed exactly; x waits for backward as FP8 tiles.
+def fp8_saved_linear(x: torch.Tensor, weight: torch.Tensor, tile: int = TILE,
+                     shared: Fp8Tiles | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [M, K]ᵀ -> [..., M], computed exactly; x waits for backward as FP8 tiles
+    (`shared`: x's tiles from `quantize_shared_input`, when other ops save the same x).
 
     grad_x = grad @ weight is exact; grad_weight = gradᵀ @ dequant(x), both in x's dtype.
     """
-    return _Fp8SavedLinear.apply(x, weight, tile)
+    return _Fp8SavedLinear.apply(x, weight, tile, shared)
 
 
 def fp8_saved_swiglu(gate: torch.Tensor, up: torch.Tensor, tile: int = TILE) -> torch.Tensor:
@@ -213,14 +257,16 @@ def fp8_saved_swiglu(gate: torch.Tensor, up: torch.Tensor, tile: int = TILE) -> 
     return _Fp8SavedSwiGLU.apply(gate, up, tile)
 
 
-def fp8_saved_grouped_mm(x_ND: torch.Tensor, w_EDI: torch.Tensor, offs: torch.Tensor, tile: int = TILE) -> torch.Tensor:
-    """torch._grouped_mm(x_ND, w_EDI, offs=offs) -> out_NI, computed exactly; x_ND waits as FP8 tiles.
+def fp8_saved_grouped_mm(x_ND: torch.Tensor, w_EDI: torch.Tensor, offs: torch.Tensor, tile: int = TILE,
+                         shared: Fp8Tiles | None = None) -> torch.Tensor:
+    """torch._grouped_mm(x_ND, w_EDI, offs=offs) -> out_NI, computed exactly; x_ND waits as FP8 tiles
+    (`shared`: x_ND's tiles from `quantize_shared_input`, when other ops save the same x_ND).
 
     x_ND: rows sorted by group, group e owns rows offs[e-1]:offs[e]; w_EDI: one [D, I] matrix per
     group (e.g. the transposed view of a [E, I, D] expert weight); offs: int32 cumulative row counts.
     grad_x is exact; grad_w uses the dequantised x, through the same _grouped_mm calls torch uses.
     """
-    return _Fp8SavedGroupedMm.apply(x_ND, w_EDI, offs, tile)
+    return _Fp8SavedGroupedMm.apply(x_ND, w_EDI, offs, tile, shared)
 
 
 def _storage_key(t: torch.Tensor) -> tuple[torch.device, int]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2train.config.schema import ModelConfig
+from k2train.kernels import use_triton
 from k2train.memory.recompute import recomputed
 from k2train.model.norm import RMSNorm
 from k2train.model.rope import apply_rope
@@ -25,8 +26,21 @@ def causal_attention_with_max_logits(
     """Causal softmax attention; returns (out_BHSV, max_logit_H).
 
     max_logit_H is the max over batch, queries and visible keys of q·k·scale, detached: it is a
-    statistic for QK-Clip, not part of the loss.
+    statistic for QK-Clip, not part of the loss. On CUDA a Triton flash-attention kernel computes
+    both without materialising the logits (K2_REFERENCE §5); elsewhere the eager reference does.
     """
+    if use_triton(q_BHSK):
+        # Imported here: Triton may be absent, and the kernels are built when the module loads.
+        from k2train.kernels.flash_attention import flash_attention_with_max_logits
+
+        return flash_attention_with_max_logits(q_BHSK, k_BHSK, v_BHSV, scale)
+    return eager_causal_attention_with_max_logits(q_BHSK, k_BHSK, v_BHSV, scale)
+
+
+def eager_causal_attention_with_max_logits(
+    q_BHSK: torch.Tensor, k_BHSK: torch.Tensor, v_BHSV: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for the kernel: materialises the [B, H, S, S] logits, so the max is one reduction."""
     seq = q_BHSK.shape[-2]
     logits_BHSS = torch.matmul(q_BHSK, k_BHSK.transpose(-1, -2)) * scale
     visible_SS = torch.ones(seq, seq, dtype=torch.bool, device=q_BHSK.device).tril()

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from k2train.memory.fp8 import fp8_saved_linear, fp8_saved_swiglu
+from k2train.memory.fp8 import fp8_saved_linear, fp8_saved_swiglu, quantize_shared_input
 from k2train.memory.recompute import recomputed
 
 
@@ -23,7 +23,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_storage:
-            gate, up = fp8_saved_linear(x, self.gate_proj.weight), fp8_saved_linear(x, self.up_proj.weight)
+            # x is quantised once and saved once for both projections.
+            x_fp8 = quantize_shared_input(x, self.gate_proj.weight, self.up_proj.weight)
+            gate = fp8_saved_linear(x, self.gate_proj.weight, shared=x_fp8)
+            up = fp8_saved_linear(x, self.up_proj.weight, shared=x_fp8)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return recomputed(self.recompute, self._activate_down, gate, up)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2train.config.schema import ModelConfig
-from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_swiglu
+from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_swiglu, quantize_shared_input
 from k2train.memory.recompute import recomputed
 from k2train.model.ffn import SwiGLU
 
@@ -49,7 +49,9 @@ class Router(nn.Module):
         expert_TK = torch.topk(scores_TE + self.e_score_correction_bias, self.top_k, dim=-1).indices
         weight_TK = scores_TE.gather(1, expert_TK)
         weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling
-        counts_E = torch.bincount(expert_TK.flatten(), minlength=self.weight.shape[0])
+        # A scatter-add, not bincount: bincount on CUDA reads the max id back to the host (a sync).
+        expert_N = expert_TK.flatten()
+        counts_E = expert_N.new_zeros(self.weight.shape[0]).scatter_add_(0, expert_N, torch.ones_like(expert_N))
         return Routing(expert_TK, weight_TK, counts_E)
 
 
@@ -80,9 +82,14 @@ class Experts(nn.Module):
         if self.impl == "loop":
             return self.forward_loop(x_ND, counts_E)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-        up_projection = fp8_saved_grouped_mm if self.fp8_storage else _grouped_mm
-        gate_NI = up_projection(x_ND, self.gate_proj.transpose(-2, -1), offsets_E)
-        up_NI = up_projection(x_ND, self.up_proj.transpose(-2, -1), offsets_E)
+        gate_EDI, up_EDI = self.gate_proj.transpose(-2, -1), self.up_proj.transpose(-2, -1)
+        if self.fp8_storage:
+            # x is quantised once and saved once for both projections.
+            x_fp8 = quantize_shared_input(x_ND, self.gate_proj, self.up_proj)
+            gate_NI = fp8_saved_grouped_mm(x_ND, gate_EDI, offsets_E, shared=x_fp8)
+            up_NI = fp8_saved_grouped_mm(x_ND, up_EDI, offsets_E, shared=x_fp8)
+        else:
+            gate_NI, up_NI = _grouped_mm(x_ND, gate_EDI, offsets_E), _grouped_mm(x_ND, up_EDI, offsets_E)
         return recomputed(self.recompute, self._activate_down, gate_NI, up_NI, offsets_E)
 
     def _activate_down(self, gate_NI: torch.Tensor, up_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from k2train.kernels import use_triton
+
 K2_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -27,12 +29,24 @@ def newton_schulz(
     of same-shape matrices (e.g. the experts of one MoE layer, [E, I, D]) costs one batched GEMM
     chain. Tall slices (n > m) are transposed so `A = X·Xᵀ` is the small min(n, m)² Gram matrix.
     The Frobenius normalisation is done in float32 (it bounds the spectral norm by 1, which the
-    iteration needs to converge) and the iterations in `dtype`.
+    iteration needs to converge) and the iterations in `dtype`. On a GPU the same iteration runs in
+    `k2train.kernels.newton_schulz` (one-pass normalisation, preallocated batched GEMMs); the code
+    below is its reference.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz expects a matrix or a stack of matrices, got shape {tuple(G.shape)}.")
     if len(coefficients) != 3:
         raise ValueError(f"newton_schulz expects 3 coefficients (a, b, c), got {coefficients}.")
+    if use_triton(G):
+        from k2train.kernels.newton_schulz import newton_schulz_fast
+
+        return newton_schulz_fast(G, steps, tuple(coefficients), eps, dtype)
+    return _newton_schulz_eager(G, steps, coefficients, eps, dtype)
+
+
+def _newton_schulz_eager(G: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                         dtype: torch.dtype) -> Tensor:
+    """The reference of `newton_schulz`, in plain torch (any device)."""
     a, b, c = coefficients
     X = G.float().reshape(-1, G.size(-2), G.size(-1))
     transposed = G.size(-2) > G.size(-1)

@@ -68,13 +68,6 @@ class RunResult:
     final_loss: float
 
 
-def check_supported(cfg: JobConfig) -> None:
-    """Refuse, with one sentence each, the features this trainer does not run yet."""
-    for key in ("activation_offload", "optimizer_offload"):
-        if getattr(cfg.memory, key):
-            raise NotImplementedError(f"memory.{key}=true is not implemented yet; set it to false.")
-
-
 def make_run_dir(cfg: JobConfig, resumed_from: int = 0) -> Path:
     """A new run directory; a resumed run whose named directory exists gets `<name>-from-step<N>`."""
     name = cfg.logging.run_name or f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"

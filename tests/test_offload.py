@@ -1,0 +1,135 @@
+"""memory.activation_offload and the saved-bytes accounting: exact gradients, exact byte counts,
+fetches in the schedule's backward order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from k2train.config.schema import ModelConfig
+from k2train.memory import saved_bytes
+from k2train.memory.offload import ActivationOffloader
+from k2train.memory.saved import DEVICE, OFFLOADED, SavedActivations
+from k2train.model import K2Model
+from k2train.model.rope import rope_cos_sin
+from multiproc import run_world
+
+ROOT = Path(__file__).parents[1]
+CFG = ModelConfig(num_layers=3, first_dense_layers=1, hidden_size=128, moe_intermediate_size=64,
+                  dense_intermediate_size=256)
+FEATURES = [(False, False), (True, False), (False, True), (True, True)]  # (fp8, recompute)
+
+
+def _model(fp8: bool, recompute: bool) -> K2Model:
+    model = K2Model(CFG, seed=1)
+    model.use_fp8_activation_storage(fp8)
+    model.use_selective_recompute(recompute)
+    return model
+
+
+def _train_pass(model: K2Model, tokens: torch.Tensor, offload: bool, micro_batches: int = 2):
+    """Forward and backward of `micro_batches` micro-batches under the saved-tensor hooks."""
+    offloader = ActivationOffloader(torch.device("cpu")) if offload else None
+    saved = SavedActivations([model], offloader)
+    if offloader is not None:
+        offloader.expect([(0, m) for m in range(micro_batches)])
+    for m, x in enumerate(tokens.chunk(micro_batches)):
+        with saved.record((0, m), tokens=x.numel()):
+            out = model(x).output
+        saved.mark_backward_start(out, (0, m)).float().square().mean().backward()
+    saved.close()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, saved, offloader
+
+
+@pytest.mark.parametrize("fp8,recompute", FEATURES)
+def test_offload_gives_the_same_gradients_bit_for_bit(fp8, recompute):
+    tokens = torch.randint(0, CFG.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    kept, kept_saved, _ = _train_pass(_model(fp8, recompute), tokens, offload=False)
+    moved, moved_saved, offloader = _train_pass(_model(fp8, recompute), tokens, offload=True)
+    for name, grad in kept.items():
+        assert torch.equal(grad, moved[name]), name
+    assert offloader.late_fetches == 0 and offloader.fetched_groups == [(0, 0), (0, 1)]
+    # Offloading moves bytes between places and never changes what is saved.
+    plain, off = kept_saved.bytes.by_scope, moved_saved.bytes.by_scope
+    assert plain.keys() == off.keys()
+    for scope in plain:
+        assert plain[scope][OFFLOADED] == 0
+        assert off[scope][DEVICE] + off[scope][OFFLOADED] == plain[scope][DEVICE], scope
+    # What stays is integer bookkeeping (token ids, routing indices): a few bytes per token.
+    assert moved_saved.bytes.total(DEVICE) < 0.01 * moved_saved.bytes.total(OFFLOADED)
+
+
+@pytest.mark.parametrize("fp8,recompute", FEATURES)
+def test_layer_accounting_equals_the_bytes_autograd_saves_for_that_layer(fp8, recompute):
+    model = _model(fp8, recompute)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    saved = SavedActivations([model])
+    with saved.record("mb", tokens=tokens.numel()):
+        model(tokens)
+    saved.close()
+    live = [*model.parameters(), *model.buffers()]
+    x_BSD = torch.randn(2, 32, CFG.hidden_size, requires_grad=True)
+    cos, sin = rope_cos_sin(model.rope_inv_freq, model.rope_attention_factor, 32, x_BSD.dtype)
+    per_token = saved.bytes.per_token()
+    assert list(per_token) == ["embedding", "layers.0", "layers.1", "layers.2", "head"]
+    for i, block in model.layers.items():
+        # The block alone, fed its own leaf input and rope tables: the same saved tensors.
+        want = saved_bytes(lambda x: block(x, cos, sin), x_BSD, exclude=live)
+        # The rope tables are made outside the layers; a lone block saves them like the model does.
+        assert saved.bytes.by_scope[f"layers.{i}"][DEVICE] == want, i
+    assert per_token["embedding"][DEVICE] == 8  # the int64 token ids
+
+
+def _run_steps(payload: dict) -> dict:
+    """On one rank: two optimizer steps with activation offload off, then (same groups) on."""
+    from k2train.config.load import load_config
+    from k2train.train.loop import open_sampler
+    from parallel.runner import ParallelRunner
+    from parallel.state import device_for, init_parallel, launch_env
+    from parallel.trainer import layout_for
+
+    env = launch_env()
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"] + [f"memory.activation_offload={flag}"])
+        if flag == "false":
+            state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
+        runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]))
+        losses, orders = [], []
+        for _ in range(2):
+            result = runner.forward_backward()
+            runner.clip_gradients(cfg.optimizer.max_grad_norm)
+            runner.optimizer_step(1e-2, result.max_logits_LH)
+            losses.append(result.loss)
+            if runner.offloader is not None:
+                orders.append((list(runner.offloader.fetched_groups), runner._backward_order(),
+                               runner.offloader.late_fetches))
+        runs[flag] = dict(losses=losses, orders=orders,
+                          params={n: p.detach().clone() for n, p in runner.model.named_parameters()})
+    torch.distributed.destroy_process_group()
+    return runs
+
+
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "interleaved_zero_bubble"])
+def test_pipeline_offload_matches_no_offload_and_fetches_in_schedule_order(schedule, tmp_path):
+    from k2train.data.prepare import prepare_dataset
+    import json
+
+    data = tmp_path / "json"
+    prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), data, "byte")
+    base = ["model.num_layers=4", "model.num_experts=8", "data.seq_len=16", "train.micro_batch_size=1",
+            "train.global_batch_tokens=128", "parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1",
+            f"parallel.schedule={schedule}", "memory.fp8_activations=true", "memory.selective_recompute=true"]
+    for rank in run_world(2, "test_offload:_run_steps", dict(overrides=base, data=str(data))):
+        off, on = rank["false"], rank["true"]
+        assert off["losses"] == on["losses"]
+        for name, param in off["params"].items():
+            assert torch.equal(param, on["params"][name]), name
+        assert len(on["orders"]) == 2
+        for fetched, order, late in on["orders"]:
+            # Every micro-batch's activations came back once, in the rank's backward order, each
+            # fetch issued before its backward needed it (one ahead, or at its backward's start).
+            assert fetched == order and late == 0
+            assert len(order) == 2 * 8  # 2 virtual stages x 8 micro-batches

@@ -1,0 +1,250 @@
+"""`k2train plan` against autograd, against a real multi-process run, and against the K2 report.
+
+- The activation model (parallel/plan_activations.py) equals the bytes `saved_bytes` counts on real
+  layers for every dtype and memory-feature combination, with eager and with fused attention.
+- On a PP2 x EP2 gloo world with every memory feature on, each rank's parameters, ZeRO-1 buffers,
+  optimizer states (device and host), pipeline receive buffers and saved activations (by the
+  runner's accounting hooks) match the plan: buffers exactly, activations within 10% per rank
+  (routing is not balanced on a real step) and exactly summed over the EP group.
+- k2_1t on 32 H800 nodes lands on the report's figures (§2.4).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from k2train.config.load import load_config
+from k2train.config.schema import ModelConfig
+from k2train.memory import saved_bytes
+from k2train.model import K2Model, ModelPart, count_parameters
+from multiproc import run_world
+from parallel.layout import make_layout
+from parallel.pipeline import lm_loss, split_layers
+from parallel.plan import make_plan
+from parallel.plan_activations import ActivationSettings, layer_saved, stage_saved
+from parallel.plan_memory import schedule_ops
+from parallel.plan_time import HARDWARE
+from triton_interpret import run_interpreted
+
+ROOT = Path(__file__).parents[1]
+# Distinct sizes everywhere, so a term counted with the wrong dimension cannot match by accident.
+SMALL = ModelConfig(num_layers=3, first_dense_layers=1, hidden_size=72, moe_intermediate_size=40,
+                    dense_intermediate_size=136, num_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+                    qk_rope_head_dim=8, v_head_dim=12, num_experts=8, experts_per_token=2, vocab_size=300)
+# (layers, embedding, head): a dense layer, a MoE layer, the first stage, the last stage with the loss.
+STAGES = [(range(0, 1), False, False), (range(1, 2), False, False), (range(0, 2), True, False), (range(1, 3), False, True)]
+
+
+def _measured(cfg: ModelConfig, layers: range, embedding: bool, head: bool, fp8: bool, recompute: bool,
+              dtype: torch.dtype, batch: int = 2, seq: int = 20) -> int:
+    """saved_bytes of one stage's forward (and loss), without its input, tokens and labels."""
+    model = K2Model(cfg, ModelPart(layers, embedding=embedding, head=head), seed=0).to(dtype)
+    model.use_fp8_activation_storage(fp8)
+    model.use_selective_recompute(recompute)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen) if embedding
+         else torch.randn(batch, seq, cfg.hidden_size, generator=gen).to(dtype).requires_grad_())
+    labels = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+    forward = (lambda t: lm_loss(model(t).output, labels)) if head else (lambda t: model(t).output)
+    return saved_bytes(forward, x, exclude=[*model.parameters(), x, labels])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fp8,recompute", list(itertools.product((False, True), repeat=2)),
+                         ids=["plain", "recompute", "fp8", "fp8+recompute"])
+def test_activation_model_equals_saved_bytes(dtype, fp8, recompute):
+    settings = ActivationSettings(2, 20, torch.empty((), dtype=dtype).element_size(), fp8, recompute)
+    for layers, embedding, head in STAGES:
+        want = stage_saved(SMALL, settings, layers, embedding, head).total
+        assert _measured(SMALL, layers, embedding, head, fp8, recompute, dtype) == want, (list(layers), embedding, head)
+
+
+def test_fused_attention_model_equals_the_flash_kernels_saved_bytes(tmp_path_factory):
+    """The Triton kernel (k2train/kernels/flash_attention.py) under the CPU interpreter, in a child."""
+    measured = run_interpreted(__file__, tmp_path_factory)
+    for recompute, got in measured.items():
+        settings = ActivationSettings(1, 16, 4, False, recompute, "fused")
+        assert got == stage_saved(SMALL, settings, range(0, 2), False, False).total, recompute
+
+
+def _fused_child(out: str) -> None:
+    import k2train.model.attention as attention
+
+    attention.use_triton = lambda t: True  # the kernel serves CPU tensors under the interpreter
+    torch.save({rec: _measured(SMALL, range(0, 2), False, False, False, rec, torch.float32, 1, 16)
+                for rec in (False, True)}, out)
+
+
+# ---- a real PP2 x EP2 world against the plan ----------------------------------------------------
+
+FEATURES = ["memory.fp8_activations=true", "memory.selective_recompute=true", "memory.activation_offload=true",
+            "memory.optimizer_offload=true"]
+WORLD = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=1", "logging.wandb=false", *FEATURES]
+
+
+def measure_rank(payload: dict) -> dict:
+    """One rank: build the runner, run one step's forward and backward, measure what it holds."""
+    from k2train.train.loop import open_sampler
+    from parallel.runner import ParallelRunner
+    from parallel.state import device_for, init_parallel, launch_env
+    from parallel.trainer import layout_for
+    from parallel.zero1 import ShardGroup
+
+    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
+    env = launch_env()
+    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
+    runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]), trace_schedule=True,
+                            measure_activations=True)
+    runner.forward_backward()
+    groups = [_group_bytes(g) for g in runner.optimizer.groups]
+    # The same dense group without offload: the states stay on the device, the master padded.
+    dense = [(n.split(".", 2)[2], p) for n, p in runner.model.named_parameters() if ".mlp.experts." not in n]
+    groups.append(_group_bytes(ShardGroup(dense, 0, state.dense_group, cfg.optimizer, offload=False)))
+    receive = grad_receive = 0
+    for stage in runner.schedule._stages:
+        receive += sum(i.buffer.nbytes for infos in stage.args_recv_info.values() for i in infos if i.buffer is not None)
+        grad_receive += sum(i.buffer.nbytes for infos in stage.grad_recv_info.values() for i in infos
+                            if i.buffer is not None)
+    result = dict(rank=state.rank, params=sum(p.nbytes for p in runner.model.parameters()), groups=groups,
+                  saved=runner.saved.bytes.total("device"), offloaded=runner.saved.bytes.total("offloaded"),
+                  micro_batches=runner.micro_batches, receive=receive, grad_receive=grad_receive, trace=runner.trace)
+    torch.distributed.destroy_process_group()
+    return result
+
+
+def _group_bytes(group) -> dict:
+    states = group.states
+    host = sum(t.nbytes for t in (states.master, states.moment1, states.moment2)) if states.offloaded else 0
+    device = group.grad_region.nbytes + (sum(t.nbytes for b in states.buffers for t in b) if states.offloaded else
+                                         sum(t.nbytes for t in (states.master, states.moment1, states.moment2)))
+    return dict(grads=group.grads.nbytes, device=device, host=host)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    from k2train.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "sources"
+    prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), out, "byte")
+    return str(out)
+
+
+def _as_the_hooks_count(cfg, layout, stage: int, split: list[range], m: int):
+    """The plan's saved bytes of one micro-batch of `stage`, as the runner's hooks attribute them:
+    per scope (layer, embedding, head) each storage once, so the stage's received input (kept by the
+    first layer's recomputed norm) and rope's cos/sin (once per layer) count there, the embedding
+    counts the whole step's token ids it views, and the loss (outside the model) does not count."""
+    a = ActivationSettings(cfg.train.micro_batch_size, cfg.data.seq_len, 4, True, True, "eager", layout.ep)
+    saved = stage_saved(cfg.model, a, split[stage], stage == 0, stage == len(split) - 1, loss=False)
+    floating = saved.floating + (len(split[stage]) - 1) * a.seq * cfg.model.qk_rope_head_dim * a.dtype_bytes
+    if stage > 0:
+        floating += layer_saved(cfg.model, a, split[stage][0] >= cfg.model.first_dense_layers)[1]
+    integer = saved.integer + (8 * m * a.tokens if stage == 0 else 0)
+    return floating, integer
+
+
+def test_plan_matches_a_measured_pp2_ep2_world(data):
+    ranks = run_world(4, "test_plan:measure_rank", dict(overrides=WORLD, data=data))
+    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", WORLD)
+    layout = make_layout(4, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                         micro_batches=None)
+    plan = make_plan(cfg, layout, HARDWARE["h800"])
+    split = split_layers(cfg.model.num_layers, layout.num_stages)
+    expected_saved = {}
+    for got in ranks:
+        rank, m = got["rank"], got["micro_batches"]
+        coords, r = layout.coords(rank), plan.ranks[layout.coords(rank).pp]
+        assert got["params"] == (r.dense_params + r.expert_params) * 4
+        d, e = layout.dense_group(rank).index(rank), layout.expert_grad_group(rank).index(rank)
+        for measured, group, member, offload in ((got["groups"][0], r.dense, d, True),
+                                                 (got["groups"][1], r.expert, e, True),
+                                                 (got["groups"][2], r.dense, d, False)):
+            assert measured["grads"] == group.grads_bytes()
+            assert (measured["device"], measured["host"]) == group.owner_bytes(member, offload), (rank, offload)
+        assert got["receive"] == r.buffers.receive and got["grad_receive"] == r.buffers.grad_receive
+        assert got["trace"] == schedule_ops(layout.pp, layout.vp, m, coords.pp)
+        floating, integer = map(sum, zip(*(_as_the_hooks_count(cfg, layout, s, split, m) for s in r.stages)))
+        expected_saved[rank] = (floating, integer)
+        # Per rank the routed rows follow the router; the plan assumes balance.
+        assert got["offloaded"] / m == pytest.approx(floating, rel=0.1), rank
+        assert got["saved"] / m == pytest.approx(integer, rel=0.1), rank
+    for group in layout.groups("expert"):
+        # Over an EP group every routed row is counted once: exact.
+        assert sum(ranks[i]["offloaded"] for i in group) == ranks[0]["micro_batches"] * sum(
+            expected_saved[i][0] for i in group)
+        assert sum(ranks[i]["saved"] for i in group) == ranks[0]["micro_batches"] * sum(
+            expected_saved[i][1] for i in group)
+
+
+# ---- k2_1t against the K2 report ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k2_plan():
+    cfg = load_config(ROOT / "configs" / "k2_1t.yaml")
+    layout = make_layout(256, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                         micro_batches=None)
+    return make_plan(cfg, layout, HARDWARE["h800"])
+
+
+def test_k2_1t_memory_lands_on_the_reports_figures(k2_plan):
+    from parallel.plan import paper_figures
+
+    f, cfg = paper_figures(k2_plan), k2_plan.cfg
+    total, _ = count_parameters(cfg.model)
+    assert f.mp_size == 256 and 1.02e12 < total < 1.04e12
+    # BF16 parameters and FP32 gradients: about 6 TB over 256 GPUs, about 24 GB each.
+    assert 6.0e12 < f.params_and_grads < 6.3e12
+    assert 23.5e9 < f.params_and_grads / 256 < 24.5e9
+    # Dense weights are held by all 16 EP ranks of their stage: 15 extra copies of the non-expert part.
+    routed = cfg.model.num_moe_layers * cfg.model.num_experts * 3 * cfg.model.hidden_size * cfg.model.moe_intermediate_size
+    assert sum(r.dense_params for r in k2_plan.ranks) == total - routed
+    assert 16 * sum(r.expert_params for r in k2_plan.ranks) == routed
+    assert f.replicated_dense == 15 * (total - routed)
+    # All states of the largest GPU: about 30 GB once dp spreads the optimizer states, twice that at dp 1.
+    assert 28e9 < f.states_per_gpu[16] < 32e9 and 29e9 < f.states_per_gpu[32] <= f.states_per_gpu[16]
+    assert f.states_per_gpu[1] > 55e9
+
+
+def test_k2_1t_needs_offload_at_32_nodes(k2_plan):
+    """At dp 1 the first stage's activations do not fit beside the states; K2's offloads make it fit."""
+    first, usable = k2_plan.ranks[0], k2_plan.hardware.usable_bytes
+    ideal = first.ideal
+    states = ideal.parameters + ideal.gradients + sum(g.ideal_bytes()[1] for g in (first.dense, first.expert))
+    on_device = first.features[(True, True, False)]
+    assert states + on_device.device + on_device.outputs + on_device.inputs > usable
+    assert ideal.device_peak <= usable  # the config: fp8, recomputation, activation and optimizer offload
+    assert first.in_flight.host > 0 and ideal.host_optimizer > 0
+
+
+def test_interleaved_peak_in_flight_is_the_warmup_plus_one(k2_plan):
+    """Rank 0 of interleaved 1F1B keeps (p - 1) * 2 + (v - 1) * p + 1 micro-batch stages in flight."""
+    pp, vp = k2_plan.layout.pp, k2_plan.layout.vp
+    counts = k2_plan.ranks[0].features[(False, False, False)].counts
+    assert sum(counts.values()) == (pp - 1) * 2 + (vp - 1) * pp + 1
+    assert counts == {0: 2 * (pp - 1) + 1, pp: pp}
+
+
+def test_plan_command_prints_tiny_and_k2_1t(capsys):
+    from launch.cli import main
+
+    assert main(["plan", "--config", str(ROOT / "configs" / "k2_tiny.yaml"), "--world-size", "8"]) == 0
+    tiny = capsys.readouterr().out
+    assert "Pipeline rank 0: virtual stages 0 (embedding, layer 0)" in tiny and "Step time (estimate)" in tiny
+    assert main(["plan", "--config", str(ROOT / "configs" / "k2_1t.yaml"), "--nodes", "32", "--hardware", "h200",
+                 "--ranks", "0"]) == 0
+    k2 = capsys.readouterr().out
+    assert "H200 SXM" in k2 and "Against the K2 report" in k2 and "Pipeline ranks 1-13" not in k2
+    assert main(["plan", "--config", str(ROOT / "configs" / "k2_tiny.yaml"), "--world-size", "8",
+                 "--pcie-gbs", "0"]) == 2
+    assert "--pcie-gbs must be positive, got 0.0" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    _fused_child(sys.argv[1])
