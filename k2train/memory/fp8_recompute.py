@@ -1,0 +1,71 @@
+"""SwiGLU + down-projection recomputed from FP8 inputs: both memory features at once (K2 §2.4.3).
+
+With selective recomputation alone, SwiGLU and the down-projection keep only their inputs, gate and
+up, in the compute dtype; with FP8 storage alone, SwiGLU keeps gate and up as FP8 tiles but the
+down-projection keeps its input, the SwiGLU output. K2 does both: the inputs of SwiGLU wait for
+backward as FP8 tiles, and SwiGLU with the down-projection runs again from them in backward. That
+is this function: it saves FP8(gate), FP8(up) and the weight, nothing else.
+
+Forward is the plain computation bit for bit. Backward rebuilds hidden = silu(gate)·up from the
+dequantised inputs (float32 math, rounded once to the compute dtype) for the down-projection's
+weight gradient, and differentiates SwiGLU at the dequantised inputs, exactly as the FP8-stored
+SwiGLU does; grad of hidden uses the exact weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from k2train.memory.fp8 import TILE, _swiglu_grads, _unpack, quantize_tiles
+
+
+class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
+    """out = down(silu(gate)·up), down = F.linear (offs None) or torch._grouped_mm (offs given)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor, offs: torch.Tensor | None,
+                tile: int) -> torch.Tensor:
+        hidden = F.silu(gate) * up
+        out = F.linear(hidden, w_down) if offs is None else torch._grouped_mm(hidden, w_down, offs=offs)
+        if any(ctx.needs_input_grad[:3]):
+            g, u = quantize_tiles(gate, tile), quantize_tiles(up, tile)
+            ctx.save_for_backward(g.data, g.scales, u.data, u.scales, w_down, offs)
+        ctx.dtypes, ctx.tile, ctx.grouped = (gate.dtype, up.dtype), tile, offs is not None
+        return out
+
+    @staticmethod
+    @once_differentiable  # the backward uses dequantised copies: no double backward
+    def backward(ctx, grad_out: torch.Tensor):
+        g_data, g_scales, u_data, u_scales, w_down, offs = ctx.saved_tensors
+        gate = _unpack(g_data, g_scales, torch.float32, ctx.tile)
+        up = _unpack(u_data, u_scales, torch.float32, ctx.tile)
+        hidden = (F.silu(gate) * up).to(ctx.dtypes[0])  # the down-projection's input, recomputed
+        grad_w = None
+        if ctx.grouped:
+            grad_out = grad_out.contiguous()  # _grouped_mm needs 16-byte aligned strides
+            grad_h = torch._grouped_mm(grad_out, w_down.transpose(-2, -1), offs=offs)
+            if ctx.needs_input_grad[2]:
+                # As torch's _grouped_mm backward forms it, in the weight's own memory order.
+                if w_down.stride(-2) > w_down.stride(-1):
+                    grad_w = torch._grouped_mm(hidden.t(), grad_out, offs=offs)
+                else:
+                    grad_w = torch._grouped_mm(grad_out.t(), hidden, offs=offs).transpose(-2, -1)
+        else:
+            grad_h = grad_out.matmul(w_down)
+            if ctx.needs_input_grad[2]:
+                grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(hidden.reshape(-1, hidden.shape[-1]))
+        grad_gate, grad_up = _swiglu_grads(grad_h, gate, up, ctx.dtypes)
+        return grad_gate, grad_up, grad_w, None, None
+
+
+def fp8_recomputed_swiglu_down(gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor,
+                               offs: torch.Tensor | None = None, tile: int = TILE) -> torch.Tensor:
+    """down(silu(gate)·up), saving only FP8 tiles of gate and up (and the weight) for backward.
+
+    Dense: gate, up [..., I], w_down [D, I] (an nn.Linear weight) -> [..., D]. Grouped (routed
+    experts): gate, up [N, I] sorted by expert, w_down [E, I, D] (the transposed view of a
+    [E, D, I] stack), offs int32 cumulative rows -> [N, D].
+    """
+    return _Fp8RecomputedSwiGLUDown.apply(gate, up, w_down, offs, tile)
