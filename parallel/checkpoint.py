@@ -1,8 +1,10 @@
 """Sharded checkpoints with torch.distributed.checkpoint: atomic, verified, reshardable.
 
-Everything is stored under logical keys that no layout changes: `model/<name>` for a parameter
-(`model/<name>[e]` for expert e of a stack), `buffer/<name>` for a router bias, `optim/<state>/<key>`
-for the owner's master weight and moments. Replicated values are written once (DCP deduplicates),
+Everything is stored under logical keys that no layout changes, one per optimizer item
+(`parallel/ownership.py`): `model/<name>` for a parameter (`model/<name>[e]` for expert e of a
+stack, `model/<name>[rows a:b]` for a row block of a large AdamW parameter, cut by
+optimizer.adamw_block_elements), `buffer/<name>` for a router bias, `optim/<state>/<key>` for the
+owner's master weight and moments. Replicated values are written once (DCP deduplicates),
 every rank writes only its own shards, and a rank loading under another layout simply asks for the
 keys it now holds or owns, so PP2xEP2xDP2 -> one process -> PP1xEP4xDP2 is a plain load.
 
@@ -98,7 +100,8 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
         token = _all_gather_objects(uuid.uuid4().hex[:8] if self.rank == 0 else None, self.distributed)[0]
         partial = self.root / f"step_{step:08d}.partial-{token}"
-        manifest = dict(format=FORMAT, step=step, model=config_to_dict(self.cfg.model), sampler=sampler, layout=layout)
+        manifest = dict(format=FORMAT, step=step, model=config_to_dict(self.cfg.model), sampler=sampler, layout=layout,
+                        adamw_block_elements=self.cfg.optimizer.adamw_block_elements)
         state = {**tensors, f"rng/rank{self.rank}": torch.get_rng_state()}
         if self.cfg.checkpoint.async_save:
             self.pending = (dcp.async_save(state, checkpoint_id=str(partial), no_dist=not self.distributed),
@@ -153,7 +156,8 @@ class Checkpointer:
         stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         missing = sorted(k for k in tensors if k.startswith(("model/", "buffer/")) and k not in stored)
         if missing:
-            raise CheckpointError(f"{path} has no {missing[0]} (and {len(missing) - 1} more keys this rank needs).")
+            raise CheckpointError(f"{path} has no {missing[0]} (and {len(missing) - 1} more keys this rank needs)"
+                                  f"{self._blocks_note(manifest)}.")
         with_optimizer = any(k.startswith("optim/") for k in stored)
         wanted = {k: v for k, v in tensors.items() if k in stored}
         rng_key = f"rng/rank{self.rank}"
@@ -164,6 +168,14 @@ class Checkpointer:
         if rng_key in wanted:
             torch.set_rng_state(wanted[rng_key])
         return Restored(manifest["step"], manifest.get("sampler", {}), path), with_optimizer
+
+    def _blocks_note(self, manifest: dict) -> str:
+        """Why keys can be missing across runs of one model: another AdamW row-block size."""
+        saved, ours = manifest.get("adamw_block_elements"), self.cfg.optimizer.adamw_block_elements
+        if saved is None or saved == ours:
+            return ""
+        return (f"; it was saved with optimizer.adamw_block_elements={saved}, but this run has {ours}, "
+                "which cuts the AdamW parameters into other row blocks")
 
     def _verify(self, path: Path) -> dict:
         manifest_path = path / MANIFEST

@@ -23,19 +23,20 @@ from k2train.config.schema import JobConfig, ModelConfig
 from k2train.model import K2Model
 from k2train.model.hf_names import from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from parallel.checkpoint import MANIFEST, CheckpointError, Checkpointer, latest_checkpoint, router_bias_key
-from parallel.ownership import expert_key, is_expert_param
+from parallel.ownership import item_places
 
 INDEX = "model.safetensors.index.json"
 
 
-def model_views(model: K2Model) -> dict[str, torch.Tensor]:
-    """The checkpoint keys of a whole model: model/<name> (model/<name>[e] per expert), buffer/<bias>."""
+def model_views(model: K2Model, block_elements: int) -> dict[str, torch.Tensor]:
+    """The checkpoint keys of a whole model, one per optimizer item as the trainer saves them
+    (`parallel/ownership.py`): model/<name>, model/<name>[e] per expert, model/<name>[rows a:b] per
+    row block of a large AdamW parameter (optimizer.adamw_block_elements); and buffer/<bias>."""
+    named = list(model.named_parameters())
     views = {}
-    for name, param in model.named_parameters():
-        if is_expert_param(name):
-            views.update({f"model/{expert_key(name, e)}": expert for e, expert in enumerate(param.data)})
-        else:
-            views[f"model/{name}"] = param.data
+    for place in item_places(named, 0, block_elements):
+        data = named[place.position][1].data
+        views[f"model/{place.item.key}"] = data if place.part is None else data[place.part]
     for layer, bias in zip(model.moe_layers(), model.router_biases(), strict=True):
         views[router_bias_key(layer)] = bias
     return views
@@ -47,7 +48,8 @@ def load_whole_model(cfg: JobConfig, checkpoint: Path) -> K2Model:
     if path is None:
         raise CheckpointError(f"{checkpoint} holds no checkpoint ({MANIFEST} or a `latest` pointer).")
     model = K2Model(cfg.model, seed=cfg.train.seed).to(getattr(torch, cfg.train.param_dtype))
-    Checkpointer(cfg, path.parent, rank=0, distributed=False).load(path, model_views(model))
+    views = model_views(model, cfg.optimizer.adamw_block_elements)
+    Checkpointer(cfg, path.parent, rank=0, distributed=False).load(path, views)
     return model
 
 
@@ -128,7 +130,8 @@ def import_hf(cfg: JobConfig, directory: Path, out: Path) -> Path:
         raise CheckpointError(f"{directory} does not fit the config: {'missing' if missing else 'unexpected'} {first}.")
     model.to(getattr(torch, cfg.train.param_dtype))
     checkpointer = Checkpointer(cfg, out, rank=0, distributed=False)
-    checkpointer.save(0, model_views(model), sampler={}, layout={"world_size": 1, "source": str(directory)})
+    checkpointer.save(0, model_views(model, cfg.optimizer.adamw_block_elements), sampler={},
+                      layout={"world_size": 1, "source": str(directory)})
     checkpointer.wait()
     return latest_checkpoint(out)
 

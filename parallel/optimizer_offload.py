@@ -61,8 +61,9 @@ def plan_chunks(items: Sequence[tuple[int, bool]], chunk_bytes: int) -> list[Chu
     `chunk_bytes` of float32 state each: master + momentum for Muon, master + two moments for AdamW.
 
     Newton-Schulz needs a Muon matrix whole, so one larger than the budget is a chunk alone. AdamW is
-    elementwise, so its items are cut at any element: K2's embedding and output head (1.2B parameters
-    each, 14 GB of AdamW state) stream in budget-sized pieces like everything else."""
+    elementwise, so its items are cut at any element: a row block of K2's embedding or output head
+    (up to optimizer.adamw_block_elements = 67M elements, 805 MB of AdamW state) streams in
+    budget-sized pieces like everything else."""
     if chunk_bytes <= 0:
         raise ValueError(f"optimizer chunk size {chunk_bytes} bytes must be positive (memory.optimizer_chunk_mb).")
     chunks: list[Chunk] = []

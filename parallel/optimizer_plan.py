@@ -117,10 +117,11 @@ def _part_items(cfg: JobConfig, layout: Layout, split: list[range], pp: int, ep:
     with torch.device("meta"):
         parts = build_stage_models(cfg.model, split, layout.stage_indices(pp), ep, layout.ep, cfg.train.seed)
     dense, expert = [], []
+    blocks = cfg.optimizer.adamw_block_elements
     for part in parts:
         named = list(part.named_parameters())
-        dense += items_of([(n, p) for n, p in named if not is_expert_param(n)], part.part.first_expert)
-        expert += items_of([(n, p) for n, p in named if is_expert_param(n)], part.part.first_expert)
+        dense += items_of([(n, p) for n, p in named if not is_expert_param(n)], part.part.first_expert, blocks)
+        expert += items_of([(n, p) for n, p in named if is_expert_param(n)], part.part.first_expert, blocks)
     return dense, expert
 
 

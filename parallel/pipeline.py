@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble
+from torch.distributed.pipelining import ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 
 from k2train.config.schema import ModelConfig
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
 from parallel.schedule_table import timeline
+from parallel.stage_buffers import LeanReceiveStage, ReceiveBufferLog
 
 
 
@@ -153,9 +154,13 @@ def build_schedule(
     Gradients leave the parameters as they accumulate (parallel/zero1.py), so the schedule does
     not scale them; the optimizer's reduction divides by the micro-batch count. The stages' input
     and output shapes are given up front: shape inference would run an extra forward on real data.
+    The stages allocate a receive buffer only while its micro-batch needs it
+    (parallel/stage_buffers.py); one log, `stage.log`, counts those of all of this rank's stages.
     """
+    log = ReceiveBufferLog()
     stages = [
-        PipelineStage(module, s, num_stages, device, group=group, **_stage_io(module, s, num_stages, micro_batch_shape))
+        LeanReceiveStage(module, s, num_stages, device, group=group, log=log,
+                         **_stage_io(module, s, num_stages, micro_batch_shape))
         for module, s in zip(stage_modules, stage_indices, strict=True)
     ]
     return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)

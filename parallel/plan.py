@@ -38,7 +38,7 @@ class Memory:
     optimizer: int  # on the device: reduced gradient region, master weights, moments (or the offload ring)
     activations: int  # saved activations on the device at the schedule's peak
     boundary: int  # stage outputs (and, ideal, received inputs) of the micro-batches in flight
-    pipeline: int  # receive buffers allocated for the whole step, and the step's token ids and labels
+    pipeline: int  # receive buffers at their peak (counted as held all step), the step's token ids and labels
     optimizer_phase: int  # transients of the update: the all-gather buffers
     host_optimizer: int
     host_activations: int

@@ -2,10 +2,10 @@
 
 Two accountings side by side, because the paper's figures and this code's allocations differ:
 - "as built": what `parallel/zero1.py` (with `parallel/optimizer_offload.py`) and torch's
-  `PipelineStage` allocate. ZeRO-1 owns items whole, so a reduction group's regions are padded to
-  its largest owner (the embedding or the head, 1.17B elements in k2_1t, sets it for their
-  stages), and the FP32 gradient buffer is group size x region; torch's stages allocate one
-  receive buffer per micro-batch of the step.
+  `PipelineStage` allocate. ZeRO-1 owns items whole (Muon matrices, AdamW parameters or their row
+  blocks), so a reduction group's regions are padded to its largest owner's fill, and the FP32
+  gradient buffer is group size x region; the pipeline stages hold a receive buffer from its
+  posted receive to the compute that consumes it (parallel/stage_buffers.py).
 - "ideal": the paper's accounting (K2 §2.4): BF16 parameters plus one FP32 gradient per held
   parameter, optimizer states spread evenly over the reduction group and reduce-scattered in
   place, and stage boundary tensors only for the micro-batches in flight.
@@ -112,8 +112,9 @@ def zero1_groups(cfg: JobConfig, layout: Layout, split: list[range]) -> dict[int
         with torch.device("meta"):
             parts = build_stage_models(cfg.model, split, layout.stage_indices(pp), 0, layout.ep, cfg.train.seed)
         named = [(n, p) for part in parts for n, p in part.named_parameters()]
-        dense = items_of([(n, p) for n, p in named if not is_expert_param(n)], 0)
-        expert = items_of([(n, p) for n, p in named if is_expert_param(n)], 0)
+        blocks = cfg.optimizer.adamw_block_elements
+        dense = items_of([(n, p) for n, p in named if not is_expert_param(n)], 0, blocks)
+        expert = items_of([(n, p) for n, p in named if is_expert_param(n)], 0, blocks)
         chunk = cfg.memory.optimizer_chunk_bytes
         groups[pp] = (_group(dense, layout.sequence_ranks, cfg.optimizer.ns_steps, chunk),
                       _group(expert, layout.dp, cfg.optimizer.ns_steps, chunk))
@@ -176,21 +177,26 @@ def in_flight_peak(ops: list[tuple[str, int]], saved: dict[int, Saved], boundary
 
 @dataclass(frozen=True)
 class PipelineBuffers:
-    """Stage boundary buffers of one pipeline rank that live for the whole step (bytes)."""
+    """Stage boundary buffers of one pipeline rank during the step (bytes)."""
 
-    receive: int  # as built: a receive buffer per micro-batch of the step for each non-first stage
-    grad_receive: int  # as built: a gradient receive buffer per micro-batch for each non-last stage
+    receive: int  # as built: stage-input receive buffers alive at the rank's receive-buffer peak
+    grad_receive: int  # as built: stage-output gradient receive buffers alive at that peak
     batch: int  # the step's token ids (first stage) and labels (last stage)
+    peak: int = 0  # receive buffers alive at that peak (of 2 per micro-batch and receiving stage)
 
 
 def pipeline_buffers(stages: list[int], num_stages: int, micro_batches: int, boundary: int,
                      tokens_per_micro_batch: int) -> PipelineBuffers:
-    """torch.distributed.pipelining's PipelineStage allocates its receive buffers for every
-    micro-batch of the step up front (`_setup_forward_recv_info`, `_create_grad_recv_info`)."""
+    """Receive buffers exist from the posted receive to the compute that consumes it
+    (parallel/stage_buffers.py); the peak is walked on the runtime's lowering of the interleaved
+    1F1B table (the zero-bubble variant, which keeps them until its weight pass, is counted with
+    the same order). `stages` are the rank's virtual stages r, r + pp, ..."""
+    from parallel.stage_buffers import interleaved_1f1b_peaks
+
     batch = 8 * tokens_per_micro_batch * micro_batches
     if num_stages == 1:
         return PipelineBuffers(0, 0, 2 * batch)
-    receive = sum(micro_batches * boundary for s in stages if s > 0)
-    grad_receive = sum(micro_batches * boundary for s in stages if s < num_stages - 1)
+    vp = len(stages)
+    peak = interleaved_1f1b_peaks(num_stages // vp, vp, micro_batches)[stages[0]]
     ends = sum(s == 0 for s in stages) + sum(s == num_stages - 1 for s in stages)
-    return PipelineBuffers(receive, grad_receive, batch * ends)
+    return PipelineBuffers(peak.inputs * boundary, peak.grads * boundary, batch * ends, peak.count)

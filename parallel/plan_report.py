@@ -61,7 +61,8 @@ def describe_plan(plan: Plan, pipeline_ranks: list[int] | None = None) -> str:
         f"{_on(mem.optimizer_offload)}; attention {plan.attention}",
         f"  {_unit[0]} per GPU, for the GPU with the most memory among a stage's {lay.sequence_ranks} EP x DP ranks; "
         f"usable {hw.usable_bytes / GiB:g} of {hw.gpu_memory_gib:g} GiB",
-        "  as built: what parallel/zero1.py and torch's PipelineStage allocate; ideal: the K2 report's accounting "
+        "  as built: what parallel/zero1.py and the pipeline stages (parallel/stage_buffers.py) allocate; ideal: the "
+        "K2 report's accounting "
         "(even ZeRO-1 shards reduce-scattered in place, receive buffers only for micro-batches in flight)",
     ]
     for group in _groups(plan, pipeline_ranks):
@@ -122,8 +123,8 @@ def _rank_lines(plan: Plan, group: list[RankPlan], tokens: int) -> list[str]:
         ("activations in flight", b.activations, i.activations, f"peak: {counts}"),
         ("stage outputs (ideal: and inputs)", b.boundary, i.boundary, "kept until the micro-batch's backward"),
         ("pipeline buffers of the step", b.pipeline, i.pipeline,
-         f"receive buffers for all {plan.micro_batches} micro-batches; token ids" if plan.layout.pp > 1
-         else "the step's token ids and labels"),
+         f"peak {r.buffers.peak} of {_receives(plan, r)} receive buffers; token ids"
+         if plan.layout.pp > 1 else "the step's token ids and labels"),
         ("update transients", b.optimizer_phase, i.optimizer_phase, "all-gather buffers (after the schedule)"),
     ]
     lines = [f"Pipeline rank{'s' if len(group) > 1 else ''} {ranks}{shown}: virtual stages "
@@ -239,12 +240,22 @@ def _difference_lines(plan: Plan) -> list[str]:
              "region, padded like the buffer (a second copy of the owned gradients: all of them in a group of 1); "
              "without offload the master weights span the padded region too, with offload 3 chunk buffer sets stay"]
     if b.pipeline > i.pipeline:
-        lines.append(f"  pipeline receive buffers +{_gib(b.pipeline - i.pipeline)}: torch's PipelineStage allocates input "
-                     f"and gradient receive buffers for all {plan.micro_batches} micro-batches of the step, not only "
-                     "for those in flight")
+        extra = b.pipeline + b.boundary - i.pipeline - i.boundary
+        lines.append(f"  pipeline receive buffers +{_gib(b.pipeline - i.pipeline)} ({'+' if extra >= 0 else ''}"
+                     f"{_gib(extra)} beside the ideal's stage inputs in flight): a receive buffer lives from its posted "
+                     f"receive to the compute that reads it, {r.buffers.peak} at once at the peak of "
+                     f"{_receives(plan, r)} per step; torch's lowering posts a receive when the sender computes, so "
+                     "inputs wait ahead of their forward, and output gradients wait for their backward")
     lines.append(f"  update transients {_gib(b.optimizer_phase)}: the all-gather output of every padded region in "
                  f"{plan.cfg.train.param_dtype} (and the owner's cast), after the schedule")
     return lines
+
+
+def _receives(plan: Plan, r: RankPlan) -> int:
+    """Receive buffers a pipeline rank allocates per step: an input for each micro-batch of each
+    stage but the first, an output gradient for each of each stage but the last."""
+    last = plan.layout.num_stages - 1
+    return plan.micro_batches * sum((s > 0) + (s < last) for s in r.stages)
 
 
 def _verdict(need: int, room: int) -> str:

@@ -1,9 +1,10 @@
 """MuonClip sharded ZeRO-1 style with whole-matrix ownership (DESIGN §3, K2_REFERENCE §2-3).
 
-Every optimizer item (a hidden matrix, one expert's matrix, or a non-matrix parameter) is owned
-whole by one rank of its gradient-reduction group: the EP x DP ranks of a stage for dense
-parameters, the DP ranks for expert parameters (`parallel/ownership.py` balances Newton-Schulz
-FLOPs, largest first onto the least-loaded rank). Per step and group:
+Every optimizer item (a hidden matrix, one expert's matrix, a non-matrix parameter, or a row block
+of a large AdamW parameter such as the embedding or the head) is owned whole by one rank of its
+gradient-reduction group: the EP x DP ranks of a stage for dense parameters, the DP ranks for
+expert parameters (`parallel/ownership.py`, largest first onto the least-loaded rank: Muon items by
+Newton-Schulz FLOPs, then AdamW items by the owners' elements). Per step and group:
 
 1. gradients accumulate, micro-batch by micro-batch, into one float32 buffer laid out as G equal
    regions, region r holding (padded) the items rank r owns;
@@ -34,7 +35,7 @@ from k2train.optim.muon_clip import adamw_update_, apply_muon_update_, muon_mome
 from k2train.optim.newton_schulz import newton_schulz_many
 from k2train.optim.qk_clip import clip_kv_rows_, clip_q_rows_, qk_clip_scales
 from parallel.optimizer_offload import DEFAULT_CHUNK_BYTES, ChunkStates, DeviceStates, OffloadedStates, Piece
-from parallel.ownership import OptItem, assign_owners, is_expert_param, items_of
+from parallel.ownership import OptItem, assign_owners, is_expert_param, item_places
 
 
 # torch 2.13 renamed reduce_scatter_tensor (older releases, e.g. the GPU images', have only that name).
@@ -43,11 +44,11 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 @dataclass
 class _Slot:
-    """One item: its parameter (and expert slice), its owner, and where it sits in the flat buffers."""
+    """One item: its parameter (and part of it), its owner, and where it sits in the flat buffers."""
 
     item: OptItem
     param: nn.Parameter
-    index: int | None  # the expert slice of a 3-D stack, else None
+    index: int | slice | None  # the expert of a 3-D stack, the rows of an AdamW row block, else None
     owner: int
     offset: int  # within the owner's region
 
@@ -70,15 +71,14 @@ class ShardGroup:
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self.cfg = cfg
-        items = items_of(named_params, first_expert)
-        # items_of lists a 3-D expert stack as one item per expert, in order.
-        places = [(p, i if _stack(n, p) else None) for n, p in named_params for i in range(p.shape[0] if _stack(n, p) else 1)]
-        owners = assign_owners(items, self.size, cfg.ns_steps)
+        places = item_places(named_params, first_expert, cfg.adamw_block_elements)
+        owners = assign_owners([place.item for place in places], self.size, cfg.ns_steps)
         fill = [0] * self.size
         self.slots: list[_Slot] = []
-        for item, (param, index), owner in zip(items, places, owners, strict=True):
-            self.slots.append(_Slot(item, param, index, owner, fill[owner]))
-            fill[owner] += item.numel
+        for place, owner in zip(places, owners, strict=True):
+            param = named_params[place.position][1]
+            self.slots.append(_Slot(place.item, param, place.part, owner, fill[owner]))
+            fill[owner] += place.item.numel
         self.params = list(dict.fromkeys(p for _, p in named_params))
         self.region = max(max(fill), 1)
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -205,9 +205,9 @@ class ShardGroup:
             slot.data.copy_(gathered[start:start + slot.item.numel].view(slot.item.shape))
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
-        """Views of what a checkpoint keeps, by logical key (layout-independent): every held
-        parameter value (an expert stack as one key per expert) and the owned optimizer state
-        (views into host memory when offloaded)."""
+        """Views of what a checkpoint keeps, by logical key (layout-independent), one per item:
+        every held parameter value (an expert stack as one key per expert, a large AdamW parameter
+        as one key per row block) and the owned optimizer state (views into host memory when offloaded)."""
         tensors = {f"model/{s.item.key}": s.data for s in self.slots}
         for i, s in enumerate(self.owned):
             tensors[f"optim/master/{s.item.key}"] = self.states.master_view(i)
@@ -225,10 +225,6 @@ class ShardGroup:
     def owned_gradients(self) -> dict[str, Tensor]:
         """The reduced gradients of the owned items (after `reduce`), by item key."""
         return {s.item.key: self._own(self.grad_region, s).clone() for s in self.owned}
-
-
-def _stack(name: str, param: Tensor) -> bool:
-    return is_expert_param(name) and param.ndim == 3
 
 
 def _attention_matrix(key: str) -> tuple[int | None, str | None]:

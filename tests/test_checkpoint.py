@@ -22,6 +22,9 @@ BASE = [
 ONE = ["parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1"]
 WIDE = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=2"]
 OTHER = ["parallel.pp=1", "parallel.vp=1", "parallel.ep=4", "parallel.dp=2"]
+# The resharding runs cut the tiny model's 512 x 64 embedding and head into AdamW row blocks of 32
+# rows, each its own item and key, owned by different ranks in each layout.
+BLOCKS = "optimizer.adamw_block_elements=2048"
 
 
 def train_job(payload: dict) -> None:
@@ -85,18 +88,46 @@ def test_multi_process_resume_is_bit_for_bit(tmp):
 
 @pytest.mark.parametrize("target,world", [(ONE, 1), (OTHER, 8)], ids=["to-one-process", "to-pp1xep4xdp2"])
 def test_a_checkpoint_reshards_to_another_layout(tmp, target, world):
-    """Saved under PP2xVP2xEP2xDP2, loaded under another layout: training continues with the same loss."""
-    if not (tmp / "c-reshard-src").exists():
-        run(tmp, "src", WIDE, 3, tmp / "c-reshard-src", 8)
+    """Saved under PP2xVP2xEP2xDP2, loaded under another layout: training continues with the same loss.
+    The embedding and head are row blocks with other owners in each layout."""
+    _reshard_source(tmp)
     reference = [json.loads(line) for line in (tmp / "runs" / "src" / "metrics.jsonl").read_text().splitlines()[1:]]
     name = f"dst{world}"
     shutil.copytree(tmp / "c-reshard-src", tmp / f"c-{name}")
     # Keep only step 2 so the new layout resumes there and recomputes step 3.
     shutil.rmtree(tmp / f"c-{name}" / "step_00000003")
     (tmp / f"c-{name}" / "latest").write_text("step_00000002")
-    continued = run(tmp, name, target, 3, tmp / f"c-{name}", world)
+    continued = run(tmp, name, target, 3, tmp / f"c-{name}", world, BLOCKS)
     assert [r["step"] for r in continued] == [3]
     assert continued[0]["loss"] == pytest.approx(reference[2]["loss"], rel=1e-6)
+    # Step 3's update used the resharded optimizer state: the new parameters and states equal the
+    # source's up to bf16 Newton-Schulz and summation order (under 1e-3 here; AdamW moments loaded
+    # into the wrong rows, or left fresh, move the embedding and head by about 20%).
+    src = model_tensors(tmp / "c-reshard-src" / "step_00000003", tmp)
+    dst = model_tensors(tmp / f"c-{name}" / "step_00000003", tmp)
+    assert src.keys() == dst.keys()
+    for key in src:  # rows of unused token ids have zero moments: those must stay exactly zero
+        error, scale = (dst[key].float() - src[key].float()).norm().item(), src[key].float().norm().item()
+        assert error <= 1e-2 * scale, f"{key}: error {error:.2e} against norm {scale:.2e}"
+
+
+def _reshard_source(tmp: Path) -> None:
+    if not (tmp / "c-reshard-src").exists():
+        run(tmp, "src", WIDE, 3, tmp / "c-reshard-src", 8, BLOCKS)
+    keys = model_tensors(tmp / "c-reshard-src" / "step_00000003", tmp)
+    for state in ("model", "optim/master", "optim/moment1", "optim/moment2"):
+        assert f"{state}/lm_head.weight[rows 480:512]" in keys and f"{state}/lm_head.weight" not in keys, state
+
+
+def test_another_adamw_block_size_is_refused_by_name(tmp):
+    """The keys of a large AdamW parameter follow optimizer.adamw_block_elements: another value names it."""
+    from parallel.checkpoint import CheckpointError
+
+    _reshard_source(tmp)
+    shutil.copytree(tmp / "c-reshard-src", tmp / "c-blocks")
+    with pytest.raises(CheckpointError, match=r"has no model/embed_tokens\.weight\[rows 0:64\] .*saved with "
+                                              r"optimizer\.adamw_block_elements=2048, but this run has 4096"):
+        run(tmp, "blocks", ONE, 4, tmp / "c-blocks", 1, "optimizer.adamw_block_elements=4096")
 
 
 def test_retention_keeps_the_last_n(tmp):

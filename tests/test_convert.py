@@ -68,3 +68,28 @@ def test_an_hf_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
     assert main(["convert", "--config", str(TINY), *_sets(*ONE), "--from-hf", str(tmp_path / "hf"),
                  "--out", str(tmp_path / "out")]) == 2
     assert "has hidden_size=128, but the config describes hidden_size=64" in capsys.readouterr().err
+
+
+def test_row_blocked_checkpoint_keys_are_the_trainers_and_round_trip(tmp_path):
+    """With optimizer.adamw_block_elements small, convert writes and reads the embedding and head as
+    the trainer's row-block keys (one source: parallel/ownership.py), and HF -> checkpoint -> model
+    gives back every weight."""
+    from k2train.config.load import load_config
+    from k2train.model import K2Model
+    from parallel.convert import export_hf, import_hf, load_whole_model, model_views
+    from parallel.zero1 import ShardedMuonClip
+
+    cfg = load_config(TINY, [*ONE, "optimizer.adamw_block_elements=2048"])
+    model = K2Model(cfg.model, seed=3)
+    m = cfg.model
+    trainer = ShardedMuonClip(list(model.named_parameters()), 0, None, None, cfg.optimizer,
+                              (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim), distributed=False)
+    theirs = {k: v for k, v in trainer.checkpoint_tensors().items() if k.startswith("model/")}
+    ours = {k: v for k, v in model_views(model, cfg.optimizer.adamw_block_elements).items() if k.startswith("model/")}
+    assert ours.keys() == theirs.keys() and "model/lm_head.weight[rows 480:512]" in ours
+    for key, view in ours.items():  # the same storage: views of the model's parameters
+        assert view.data_ptr() == theirs[key].data_ptr() and view.shape == theirs[key].shape, key
+    export_hf(model, tmp_path / "hf")
+    loaded = load_whole_model(cfg, import_hf(cfg, tmp_path / "hf", tmp_path / "ckpt"))
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(got, want), name

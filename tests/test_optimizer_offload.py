@@ -76,14 +76,15 @@ def test_chunk_size_must_be_positive():
 # -- one process ----------------------------------------------------------------------------------
 
 
-def local_steps(offload: bool, chunk_bytes: int, dtype: torch.dtype = torch.float32, steps: int = STEPS):
+def local_steps(offload: bool, chunk_bytes: int, dtype: torch.dtype = torch.float32, steps: int = STEPS,
+                extra: tuple[str, ...] = ()):
     """STEPS ZeRO-1 MuonClip steps of the whole tiny model: in one process (group size 1), or as
     this rank of an initialised gloo world whose ranks all hold the model (DP: both groups are the world)."""
     from k2train.config.load import load_config
     from k2train.model import K2Model
     from parallel.zero1 import ShardedMuonClip
 
-    cfg = load_config(TINY, OVERRIDES)
+    cfg = load_config(TINY, [*OVERRIDES, *extra])
     m = cfg.model
     distributed = torch.distributed.is_initialized()
     group = torch.distributed.group.WORLD if distributed else None
@@ -132,6 +133,33 @@ def test_offloaded_steps_equal_on_device_steps_bit_for_bit(dtype):
     fresh = snapshot(*local_steps(False, SMALL_CHUNK, dtype, steps=0))
     for name in ("layers.1.self_attn.q_b_proj.weight", "layers.2.mlp.experts.up_proj", "embed_tokens.weight"):
         assert not torch.equal(fresh[f"param/{name}"], host[f"param/{name}"]), name
+
+
+def _whole_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Row-block keys `name[rows a:b]` joined back into `name`, the blocks concatenated in row order."""
+    blocks: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    whole = {}
+    for key, tensor in tensors.items():
+        name, _, rows = key.partition("[rows ")
+        if rows:
+            blocks.setdefault(name, []).append((int(rows.split(":")[0]), tensor))
+        else:
+            whole[key] = tensor
+    whole.update({name: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]) for name, parts in blocks.items()})
+    return whole
+
+
+def test_row_blocks_stream_and_give_the_bits_of_whole_parameters():
+    """AdamW row blocks (the 512 x 64 embedding and head in blocks of 32 rows) are items like any
+    other: offload on or off, the same bits, and in one process the same bits as whole parameters
+    (AdamW is elementwise and the blocks keep the parameter's element order)."""
+    blocks = ("optimizer.adamw_block_elements=2048",)
+    device = snapshot(*local_steps(False, SMALL_CHUNK, extra=blocks))
+    host_model, host_opt = local_steps(True, SMALL_CHUNK, extra=blocks)
+    assert_equal_bits(device, snapshot(host_model, host_opt), "row blocks, offload on vs off")
+    assert "optim/moment2/lm_head.weight[rows 480:512]" in device and "optim/moment2/lm_head.weight" not in device
+    whole = snapshot(*local_steps(False, SMALL_CHUNK))
+    assert_equal_bits(whole, _whole_keys(device), "row blocks vs whole parameters")
 
 
 def test_chunked_update_equals_one_chunk_on_cpu():

@@ -1,5 +1,5 @@
-"""ZeRO-1 MuonClip ownership: optimizer items, Newton–Schulz FLOPs, the greedy owner assignment and
-the k2_1t optimizer plan (parallel/ownership.py, parallel/optimizer_plan.py)."""
+"""ZeRO-1 MuonClip ownership: optimizer items (AdamW row blocks included), Newton–Schulz FLOPs, the
+greedy owner assignment and the k2_1t optimizer plan (parallel/ownership.py, parallel/optimizer_plan.py)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,16 @@ from k2train.model import K2Model, ModelPart
 from k2train.optim.muon_clip import split_param_groups
 from k2train.optim.newton_schulz import newton_schulz
 from parallel.ownership import (
+    ADAMW_BLOCK_ELEMENTS,
     OptItem,
     assign_owners,
     item_cost,
+    item_places,
     items_of,
     newton_schulz_flops,
     owner_loads,
+    row_block_key,
+    row_blocks,
 )
 
 K2_1T = Path(__file__).parents[1] / "configs" / "k2_1t.yaml"
@@ -35,6 +39,13 @@ GIB = 1024**3
 
 def _base(key: str) -> str:
     return key.split("[")[0]
+
+
+def _element_loads(items, owners, group_size: int) -> list[int]:
+    loads = [0] * group_size
+    for item, rank in zip(items, owners):
+        loads[rank] += item.numel
+    return loads
 
 
 def _expanded_names(named) -> list[str]:
@@ -84,6 +95,81 @@ def test_items_of_meta_expert_slice_uses_global_expert_indices():
     assert items_of([("x.weight", frozen), ("y.weight", (3, 4))], 0) == [OptItem("y.weight", (3, 4), True)]
 
 
+def test_row_blocks_by_hand():
+    assert row_blocks((10, 4), 40) is None  # not above the threshold: whole
+    assert row_blocks((10, 4), 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]  # 12 // 4 = 3 rows a block
+    assert row_blocks((10, 4), 13) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert row_blocks((10, 4), 3) == [(i, i + 1) for i in range(10)]  # a row above the threshold: one row a block
+    assert row_blocks((1, 400), 10) is None  # one row cannot be cut by rows
+    assert row_blocks((100,), 30) == [(0, 30), (30, 60), (60, 90), (90, 100)]  # a vector by elements
+    assert row_blocks((), 1) is None
+    assert row_block_key("lm_head.weight", 0, 2340) == "lm_head.weight[rows 0:2340]"
+    # K2's embedding: 163840 x 7168 in blocks of 2**24 // 7168 = 2340 rows, the last one 40.
+    k2 = row_blocks((163840, 7168), ADAMW_BLOCK_ELEMENTS)
+    assert ADAMW_BLOCK_ELEMENTS == 2**24 and len(k2) == 71 and k2[-1] == (163800, 163840)
+    with pytest.raises(ValueError, match="adamw_block_elements must be at least 1, got 0"):
+        row_blocks((10, 4), 0)
+
+
+def _tiny_part(first_expert: int, embedding: bool, head: bool, layers: range):
+    with torch.device("meta"):
+        return K2Model(ModelConfig(), ModelPart(layers, embedding=embedding, head=head, first_expert=first_expert,
+                                                num_local_experts=4))
+
+
+def test_large_adamw_parameters_become_row_blocks_that_cover_them_once():
+    cfg = ModelConfig()  # embedding and head 512 x 64 = 32768 elements; norms 64
+    model = K2Model(cfg)
+    named = list(model.named_parameters())
+    assert items_of(named, 0) == items_of(named, 0, 2**15)  # the default keeps the tiny model whole
+    places = item_places(named, 0, 5000)  # 5000 // 64 = 78 rows a block
+    blocks = [p for p in places if p.item.rows is not None]
+    assert {_base(p.item.key) for p in blocks} == {"embed_tokens.weight", "lm_head.weight"}
+    params = dict(named)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        mine = [p for p in blocks if _base(p.item.key) == name]
+        assert [p.item.rows for p in mine] == [(a, min(a + 78, 512)) for a in range(0, 512, 78)]
+        assert [p.item.key for p in mine] == [f"{name}[rows {a}:{b}]" for a, b in (p.item.rows for p in mine)]
+        covered = torch.zeros(512, dtype=torch.int64)
+        for p in mine:
+            part = named[p.position][1][p.part]  # the block is a view of its rows
+            assert not p.item.muon and tuple(part.shape) == p.item.shape and p.item.shape[1:] == (cfg.hidden_size,)
+            assert part.data_ptr() == params[name][p.item.rows[0]].data_ptr()
+            covered[p.part] += 1
+        assert covered.eq(1).all()  # every row in exactly one block
+    # Everything else is as without blocks, in the same order; the elements add up.
+    cut = ("embed_tokens.weight", "lm_head.weight")
+    assert [p.item for p in places if p.item.rows is None] == [i for i in items_of(named, 0) if i.key not in cut]
+    assert sum(p.item.numel for p in places) == sum(p.numel() for _, p in named)
+    assert [_base(p.item.key) for p in places if p.item.rows is None or p.item.rows[0] == 0] == _expanded_names(named)
+
+
+def test_row_block_keys_do_not_depend_on_the_layout():
+    """The same parameter in another part (pipeline stage, EP slice) is cut into the same keyed blocks."""
+    whole = {i.key: i for i in items_of(K2Model(ModelConfig()).named_parameters(), 0, 5000)}
+    first = items_of(_tiny_part(4, True, False, range(0, 1)).named_parameters(), 4, 5000)
+    last = items_of(_tiny_part(0, False, True, range(1, 3)).named_parameters(), 0, 5000)
+    for item in first + last:
+        assert whole[item.key] == item, item.key
+    assert sum(i.rows is not None for i in first) == sum(i.rows is not None for i in last) == 7
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 4])
+def test_row_blocks_spread_the_embedding_and_head_over_the_owners(group_size):
+    named = list(K2Model(ModelConfig()).named_parameters())
+    whole, blocked = items_of(named, 0), items_of(named, 0, 2048)
+    regions = {}
+    for label, items in (("whole", whole), ("blocked", blocked)):
+        owners = assign_owners(items, group_size)
+        regions[label] = max(_element_loads(items, owners, group_size))
+        owned = {rank for item, rank in zip(items, owners) if item.rows is not None}
+        if label == "blocked":
+            assert owned == set(range(group_size))  # every rank owns some rows
+            # Within one block of even (above the Muon pass's most, which does not reach it here).
+            assert regions[label] <= sum(i.numel for i in items) / group_size + 2048
+    assert regions["blocked"] < regions["whole"]
+
+
 # ---- Newton–Schulz FLOPs ----------------------------------------------------------------------------
 
 
@@ -121,10 +207,12 @@ def test_assign_owners_by_hand():
     assert assign_owners(adamw, 2) == [1, 0, 1, 1, 0]
     # Equal costs on equal loads: the earlier item goes to the lower rank.
     assert assign_owners([OptItem("x", (4,), False), OptItem("y", (4,), False)], 2) == [0, 1]
-    # The two passes keep separate loads: the largest Muon and the largest AdamW item both start at rank 0.
-    mixed = [OptItem("w", (8, 8), True), OptItem("v", (4, 4), True), OptItem("e", (100,), False)]
-    assert assign_owners(mixed, 2) == [0, 1, 0]
-    assert assign_owners(mixed, 1) == [0, 0, 0]
+    # Muon by FLOPs (w -> 0, v -> 1), then AdamW by elements from the Muon pass's elements (64, 16):
+    # e goes to rank 1, which owns fewer; then f (40) to rank 0 (64 < 116), g (30) to rank 0 (104 < 116).
+    mixed = [OptItem("w", (8, 8), True), OptItem("v", (4, 4), True), OptItem("e", (100,), False),
+             OptItem("f", (40,), False), OptItem("g", (30,), False)]
+    assert assign_owners(mixed, 2) == [0, 1, 1, 0, 0]
+    assert assign_owners(mixed, 1) == [0] * 5
     with pytest.raises(ValueError, match="group_size 0"):
         assign_owners(mixed, 0)
 
@@ -137,14 +225,19 @@ def test_assign_owners_is_deterministic_and_largest_first_bounded(group_size):
     assert len(owners) == len(items) and all(0 <= r < group_size for r in owners)
     if group_size == 1:
         assert set(owners) == {0}
-    for muon in (True, False):
-        costs = [item_cost(i) for i in items if i.muon == muon]
-        loads = [0] * group_size
-        for item, rank in zip(items, owners):
-            if item.muon == muon:
-                loads[rank] += item_cost(item)
-        assert sum(loads) == sum(costs)  # every item owned exactly once
-        assert max(loads) <= sum(costs) / group_size + max(costs)
+    flops = [0] * group_size
+    for item, rank in zip(items, owners):
+        flops[rank] += item_cost(item) if item.muon else 0
+    costs = [item_cost(i) for i in items if i.muon]
+    assert sum(flops) == sum(costs)  # every Muon item owned exactly once
+    assert max(flops) <= sum(costs) / group_size + max(costs)
+    # AdamW fills up the owners' elements from where the Muon pass left them.
+    muon_elements = _element_loads([i for i in items if i.muon], [r for i, r in zip(items, owners) if i.muon],
+                                   group_size)
+    elements = _element_loads(items, owners, group_size)
+    assert sum(elements) == sum(i.numel for i in items)
+    largest_adamw = max(i.numel for i in items if not i.muon)
+    assert max(elements) <= max(max(muon_elements), sum(elements) / group_size + largest_adamw)
 
 
 def test_optimizer_bytes_of_the_tiny_model_fall_as_one_over_group_size():
@@ -179,9 +272,11 @@ def _check_k2_1t_plan(plan, nodes: int, out: str) -> None:
     for dense in plan.dense.values():
         state = [dense.load.optimizer_state_bytes(r) for r in range(lay.sequence_ranks)]
         assert sum(state) == dense.total_bytes  # each dense item owned once in its stage's ep*dp group
-        for muon, loads in ((True, dense.load.ns_flops), (False, dense.load.adamw_numel)):
-            costs = [item_cost(i) for i in dense.items if i.muon == muon]
-            assert max(loads) <= sum(costs) / lay.sequence_ranks + max(costs)  # largest-first bound per pass
+        muon_flops = [item_cost(i) for i in dense.items if i.muon]
+        assert max(dense.load.ns_flops) <= sum(muon_flops) / lay.sequence_ranks + max(muon_flops)  # largest first
+        # Elements: AdamW row blocks (at most 2**24) even the owners out above the Muon pass's most.
+        elements = [m + a for m, a in zip(dense.load.muon_numel, dense.load.adamw_numel)]
+        assert max(elements) <= max(max(dense.load.muon_numel), sum(elements) / lay.sequence_ranks + 2**24)
     for expert in plan.expert.values():
         state = [expert.load.optimizer_state_bytes(r) for r in range(lay.dp)]
         assert state == [expert.total_bytes // lay.dp] * lay.dp  # equal-shape experts split exactly
@@ -205,7 +300,8 @@ def test_k2_1t_plan_prints_and_owned_bytes_fall_as_dp_grows(capsys, monkeypatch)
                                      "--ranks", "0,15,240,255"])
         assert args.func(args) == 0
         out = capsys.readouterr().out
-        assert "largest item: embed_tokens.weight [163840, 7168]" in out
+        # The 1.17B-element embedding and head are AdamW row blocks now: the first dense FFN is largest.
+        assert "largest item: layers.0.mlp.gate_proj.weight [18432, 7168]" in out
         _check_k2_1t_plan(built[nodes // 32], nodes, out)
     for rank in (0, 15, 240, 255):  # the same (pp, ep), dp 0, at dp 1, 2, 4
         plans = [built[dp].rank_plan(rank) for dp in (1, 2, 4)]

@@ -85,7 +85,9 @@ def _fused_child(out: str) -> None:
 
 FEATURES = ["memory.fp8_activations=true", "memory.selective_recompute=true", "memory.activation_offload=true",
             "memory.optimizer_offload=true"]
-WORLD = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=1", "logging.wandb=false", *FEATURES]
+# The embedding and head (512 x 64) as AdamW row blocks of 32 rows, shared by the two owners of their group.
+WORLD = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=1", "logging.wandb=false", *FEATURES,
+         "optimizer.adamw_block_elements=2048"]
 
 
 def measure_rank(payload: dict) -> dict:
@@ -106,14 +108,14 @@ def measure_rank(payload: dict) -> dict:
     # The same dense group without offload: the states stay on the device, the master padded.
     dense = [(n.split(".", 2)[2], p) for n, p in runner.model.named_parameters() if ".mlp.experts." not in n]
     groups.append(_group_bytes(ShardGroup(dense, 0, state.dense_group, cfg.optimizer, offload=False)))
-    receive = grad_receive = 0
-    for stage in runner.schedule._stages:
-        receive += sum(i.buffer.nbytes for infos in stage.args_recv_info.values() for i in infos if i.buffer is not None)
-        grad_receive += sum(i.buffer.nbytes for infos in stage.grad_recv_info.values() for i in infos
-                            if i.buffer is not None)
+    # Receive buffers live from the posted receive to the compute that reads it: the stages' log
+    # saw their memory (by storage weak references) at the rank's peak.
+    log = runner.schedule._stages[0].log
+    receive, grad_receive = log.peak_bytes
     result = dict(rank=state.rank, params=sum(p.nbytes for p in runner.model.parameters()), groups=groups,
                   saved=runner.saved.bytes.total("device"), offloaded=runner.saved.bytes.total("offloaded"),
-                  micro_batches=runner.micro_batches, receive=receive, grad_receive=grad_receive, trace=runner.trace)
+                  micro_batches=runner.micro_batches, receive=receive, grad_receive=grad_receive,
+                  receive_peak=log.peak.count, trace=runner.trace)
     torch.distributed.destroy_process_group()
     return result
 
@@ -168,6 +170,7 @@ def test_plan_matches_a_measured_pp2_ep2_world(data):
             assert measured["grads"] == group.grads_bytes()
             assert (measured["device"], measured["host"]) == group.owner_bytes(member, offload), (rank, offload)
         assert got["receive"] == r.buffers.receive and got["grad_receive"] == r.buffers.grad_receive
+        assert 0 < got["receive_peak"] == r.buffers.peak < m
         assert got["trace"] == schedule_ops(layout.pp, layout.vp, m, coords.pp)
         floating, integer = map(sum, zip(*(_as_the_hooks_count(cfg, layout, s, split, m) for s in r.stages)))
         expected_saved[rank] = (floating, integer)

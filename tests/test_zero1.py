@@ -4,6 +4,7 @@ Every rank of a layout gets gradients whose reduction is exact: the sequence ran
 contributes the whole gradient times the divisor (a power of two), the others zero. So the sharded
 optimizer and `k2train.optim.MuonClip` see identical gradients, and after 5 steps (with a head
 above τ every step) the parameters must agree to 1e-6 and every replica must hold the same bits.
+One layout cuts the embedding and the head into AdamW row blocks spread over its owners.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def sharded_steps(payload: dict) -> dict:
     masters = {g.param_dtype: g.master.dtype for g in runner.optimizer.groups}
     if state.is_distributed:
         torch.distributed.destroy_process_group()
-    return dict(params=params, first_expert=coords.ep * local, masters=masters,
+    owned = [s.item.key for g in runner.optimizer.groups for s in g.owned]
+    return dict(params=params, first_expert=coords.ep * local, masters=masters, owned=owned,
                 state_bytes=runner.optimizer.optimizer_state_bytes(), orthogonalised=orthogonalised)
 
 
@@ -104,16 +106,21 @@ def reference() -> dict[str, torch.Tensor]:
     return reference_steps(BASE + ["parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1"])
 
 
-def layout(pp: int, ep: int, dp: int, dtype: str = "float32") -> list[str]:
+def layout(pp: int, ep: int, dp: int, dtype: str = "float32", *extra: str) -> list[str]:
     vp = 2 if pp > 1 else 1
     return BASE + [f"parallel.pp={pp}", f"parallel.vp={vp}", f"parallel.ep={ep}", f"parallel.dp={dp}",
-                   f"train.param_dtype={dtype}"]
+                   f"train.param_dtype={dtype}", *extra]
 
 
-@pytest.mark.parametrize("pp,ep,dp", [(1, 1, 1), (1, 1, 2), (1, 1, 4), (1, 2, 1), (1, 2, 2), (1, 2, 4), (2, 2, 2)],
-                         ids=lambda v: str(v))
-def test_sharded_muonclip_equals_single_process(pp, ep, dp, reference):
-    ranks = run_world(pp * ep * dp, "test_zero1:sharded_steps", dict(overrides=layout(pp, ep, dp)))
+# 2048 elements = 32 rows of the tiny model's 512 x 64 embedding and head: 16 row blocks each.
+BLOCKS = "optimizer.adamw_block_elements=2048"
+
+
+@pytest.mark.parametrize("pp,ep,dp,extra", [(1, 1, 1, ()), (1, 1, 2, ()), (1, 1, 4, ()), (1, 2, 1, ()),
+                                            (1, 2, 2, (BLOCKS,)), (1, 2, 4, ()), (2, 2, 2, ())],
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else str(v))
+def test_sharded_muonclip_equals_single_process(pp, ep, dp, extra, reference):
+    ranks = run_world(pp * ep * dp, "test_zero1:sharded_steps", dict(overrides=layout(pp, ep, dp, "float32", *extra)))
     local = 8 // ep
     for rank, result in enumerate(ranks):
         for name, param in result["params"].items():
@@ -132,6 +139,22 @@ def test_sharded_muonclip_equals_single_process(pp, ep, dp, reference):
         for name, param in result["params"].items():
             key = (name, result["first_expert"] if ".mlp.experts." in name else -1)
             assert torch.equal(seen.setdefault(key, param), param), name
+    if extra:
+        _check_row_blocks_spread(ranks, ep * dp)
+
+
+def _check_row_blocks_spread(ranks: list[dict], group: int) -> None:
+    """With small AdamW blocks the embedding's and head's 16 row blocks are each owned once, and
+    every rank of the (one, pp 1) dense group owns some of each."""
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        owners = {}
+        for rank, result in enumerate(ranks):
+            for key in result["owned"]:
+                if key.startswith(f"{name}[rows "):
+                    assert key not in owners, f"{key} owned twice"
+                    owners[key] = rank
+        assert sorted(owners) == sorted(f"{name}[rows {a}:{a + 32}]" for a in range(0, 512, 32))
+        assert len(set(owners.values())) == group, (name, owners)
 
 
 def test_qk_clip_fired_and_changed_the_clipped_heads_only(reference):

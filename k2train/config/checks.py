@@ -64,6 +64,7 @@ _BOUNDS: tuple[tuple[str, _Bound], ...] = (
     ("optimizer.adam_eps", _gt(0)),
     ("optimizer.qk_clip_tau", _gt(0)),
     ("optimizer.max_grad_norm", _ge(0)),
+    ("optimizer.adamw_block_elements", _ge(1)),
     *((f"optimizer.{k}", _ge(0)) for k in ("warmup_steps", "stable_steps", "decay_steps")),
     ("data.seq_len", _ge(1)),
     ("data.seed", _ge(0)),

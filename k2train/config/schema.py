@@ -105,6 +105,12 @@ class OptimizerConfig:
     qk_clip_tau: float = 100.0
     # Global gradient-norm clipping; 0 turns it off.
     max_grad_norm: float = 1.0
+    # ZeRO-1 cuts AdamW parameters above this many elements into row blocks owned separately (AdamW is
+    # elementwise; Muon matrices stay whole), so K2's 1.17B-element embedding and head do not set
+    # every owner's padded gradient region. 2**24 = 16.8M is a small part of an owner's share in
+    # k2_1t (about 100M elements of a stage's dense items over 16 ranks), so owners end within one
+    # block of even. Checkpoint keys follow the blocks: keep it across a run.
+    adamw_block_elements: int = 1 << 24
     # WSD: linear warm-up, constant, then cosine from lr to min_lr.
     warmup_steps: int = 500
     stable_steps: int = 149_012
