@@ -22,21 +22,10 @@ from parallel.profile_cli import add_profile_parser
 
 def _run_train(args: argparse.Namespace) -> int:
     from k2train.config.load import load_config
-    from k2train.train.loop import NonFiniteLossError
-    from parallel.state import LaunchError
-    from parallel.trainer import run_training
+    from parallel.trainer import exit_code, run_training
 
     cfg = load_config(args.config, args.set)
-    try:
-        run_training(cfg)
-    except NonFiniteLossError as err:
-        print(f"k2train: {err}", file=sys.stderr)
-        return 1
-    except LaunchError as err:
-        # A bad launch (variables, rendezvous): one sentence, like the config errors.
-        print(f"k2train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run_training(cfg))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,6 @@ so registering the command costs nothing (parallel/profile.py does the work)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,21 +27,12 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def _run_profile_command(args: argparse.Namespace) -> int:
     from k2train.config.load import load_config
-    from k2train.train.loop import NonFiniteLossError
     from parallel.profile import ProfileOptions, run_profile
-    from parallel.state import LaunchError
+    from parallel.trainer import exit_code
 
     cfg = load_config(args.config, args.set)
     options = ProfileOptions(args.warmup, args.steps, args.out, args.peak_tflops, args.torch_trace)
-    try:
-        run_profile(cfg, options)
-    except NonFiniteLossError as err:
-        print(f"k2train: {err}", file=sys.stderr)
-        return 1
-    except LaunchError as err:
-        print(f"k2train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run_profile(cfg, options))
 
 
 def _at_least_one(text: str) -> int:

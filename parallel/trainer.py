@@ -7,6 +7,8 @@ does not fit stops every rank with the same sentence.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,12 +16,12 @@ import torch.distributed as dist
 
 from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
-from k2train.train.loop import RunResult, data_prefix, open_sampler, train
+from k2train.train.loop import NonFiniteLossError, RunResult, data_prefix, open_sampler, train
 from parallel.checkpoint import Checkpointer
 from parallel.layout import Layout, make_layout
 from parallel.pipeline import describe_split
 from parallel.runner import ParallelRunner
-from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel, launch_env
+from parallel.state import LaunchEnv, LaunchError, ParallelState, device_for, init_parallel, launch_env
 
 
 def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched world") -> Layout:
@@ -37,6 +39,20 @@ def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched worl
         world_size, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
         micro_batches=micro_batches_per_step(cfg, dp),
     )
+
+
+def exit_code(job: Callable[[], object]) -> int:
+    """Run a launched job (training, profiling) and give its exit status: 0 when it ends, 1 when a
+    non-finite loss stopped it, 2 for a bad launch (variables, rendezvous), told in one sentence."""
+    try:
+        job()
+    except NonFiniteLossError as err:
+        print(f"k2train: {err}", file=sys.stderr)
+        return 1
+    except LaunchError as err:
+        print(f"k2train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run_training(cfg: JobConfig, env: LaunchEnv | None = None) -> RunResult:

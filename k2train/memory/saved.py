@@ -111,16 +111,15 @@ class LayerScopes:
 
 
 class SavedActivations:
-    """The saved-tensor hooks of a rank's model parts: counting always, offloading when `offload`.
+    """The saved-tensor hooks of a rank's model parts: counting always, offloading with an `offloader`.
 
     Use `with saved.record(key, tokens): out = model(x)` around each micro-batch's forward; `key`
     names the micro-batch (e.g. (stage, index)) for the offloader's prefetch order.
     """
 
-    def __init__(self, models: Iterable[nn.Module], offloader: ActivationOffloader | None = None, count: bool = True):
+    def __init__(self, models: Iterable[nn.Module], offloader: ActivationOffloader | None = None):
         models = list(models)
         self.offloader = offloader
-        self.count = count
         self.bytes = SavedBytes()
         self._live = {storage_key(t) for m in models for t in [*m.parameters(), *m.buffers()]}
         self.scopes = LayerScopes()
@@ -164,7 +163,7 @@ class SavedActivations:
             return t
         self._held.append(t)
         offload = self.offloader is not None and offloadable(t)
-        if self.count and skey not in self._seen:
+        if skey not in self._seen:
             self.bytes.add(self.scopes.current, OFFLOADED if offload else DEVICE, t.untyped_storage().nbytes())
         self._seen.add(skey)
         if not offload:
