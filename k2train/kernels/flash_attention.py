@@ -60,6 +60,17 @@ def _store_tile(base, val, offs_r, stride_r, n_r, offs_c, n_c, PAD_C: tl.constex
 
 
 @triton.jit
+def _load_split(base, offs_r, stride_r, n_r, DK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """A [rows, DK] tile as its two column blocks (a: the first BLOCK_DA, b: the next BLOCK_DB);
+    without a second block, b is a (unused) alias of a."""
+    a = _load_tile(base, offs_r, stride_r, n_r, tl.arange(0, BLOCK_DA), DK, BLOCK_DA > DK)
+    b = a
+    if BLOCK_DB > 0:
+        b = _load_tile(base, offs_r, stride_r, n_r, BLOCK_DA + tl.arange(0, BLOCK_DB), DK, BLOCK_DA + BLOCK_DB > DK)
+    return a, b
+
+
+@triton.jit
 def _dot(a, b, acc, PREC: tl.constexpr):
     if _WIDEN_BF16_DOTS:
         if a.dtype == tl.bfloat16:
@@ -115,10 +126,7 @@ def _fwd_kernel(Q, K, V, O, LSE2, ROWMAX, sm_scale, qk_scale,
     q_base, k_base = Q + b * sqb + h * sqh, K + b * skb + h * skh
     v_base, o_base = V + b * svb + h * svh, O + b * sob + h * soh
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_a = _load_tile(q_base, offs_m, sqs, S, tl.arange(0, BLOCK_DA), DK, BLOCK_DA > DK)
-    q_b = q_a
-    if BLOCK_DB > 0:
-        q_b = _load_tile(q_base, offs_m, sqs, S, BLOCK_DA + tl.arange(0, BLOCK_DB), DK, BLOCK_DA + BLOCK_DB > DK)
+    q_a, q_b = _load_split(q_base, offs_m, sqs, S, DK, BLOCK_DA, BLOCK_DB)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -156,10 +164,7 @@ def _dkdv_step(k_a, k_b, v, dk_a, dk_b, dv, q_base, do_base, LSE2_bh, DELTA_bh, 
                BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr):
     """One query block's contribution to a key block's dk, dv; tiles are transposed ([keys, queries])."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_a = _load_tile(q_base, offs_m, sqs, S, tl.arange(0, BLOCK_DA), DK, BLOCK_DA > DK)
-    q_b = q_a
-    if BLOCK_DB > 0:
-        q_b = _load_tile(q_base, offs_m, sqs, S, BLOCK_DA + tl.arange(0, BLOCK_DB), DK, BLOCK_DA + BLOCK_DB > DK)
+    q_a, q_b = _load_split(q_base, offs_m, sqs, S, DK, BLOCK_DA, BLOCK_DB)
     do = _load_tile(do_base, offs_m, sds, S, tl.arange(0, BLOCK_DV), DV, BLOCK_DV > DV)
     lse2 = tl.load(LSE2_bh + offs_m, mask=offs_m < S, other=float("inf"))
     delta = tl.load(DELTA_bh + offs_m, mask=offs_m < S, other=0.0)
@@ -222,10 +227,7 @@ def _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, k_base, v_base, sks, svs, of
              BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr):
     """One key block's contribution to a query block's dq."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_a = _load_tile(k_base, offs_n, sks, S, tl.arange(0, BLOCK_DA), DK, BLOCK_DA > DK)
-    k_b = k_a
-    if BLOCK_DB > 0:
-        k_b = _load_tile(k_base, offs_n, sks, S, BLOCK_DA + tl.arange(0, BLOCK_DB), DK, BLOCK_DA + BLOCK_DB > DK)
+    k_a, k_b = _load_split(k_base, offs_n, sks, S, DK, BLOCK_DA, BLOCK_DB)
     v = _load_tile(v_base, offs_n, svs, S, tl.arange(0, BLOCK_DV), DV, BLOCK_DV > DV)
     p = tl.math.exp2(_scores(q_a, q_b, k_a, k_b, BLOCK_DB > 0, PREC) * qk_scale - lse2[:, None])
     if CAUSAL_MASK:

@@ -53,10 +53,11 @@ def _round_to_e4m3_grid(y):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, data_ptr, scales_ptr, M, K, num_tiles,
-                     TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Consecutive programs take consecutive tiles of one row block: together they stream a
-    # contiguous [BLOCK_M, K] slab of memory.
+def _tile_block(M, K, num_tiles, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's tile: its index along K, its rows, which rows exist, the element mask and the
+    element offsets of its [BLOCK_M, BLOCK_T] block (BLOCK_T >= TILE, the excess masked).
+    Consecutive programs take consecutive tiles of one row block, so together they stream a
+    contiguous [BLOCK_M, K] slab of memory."""
     tile_index = tl.program_id(0) % num_tiles
     rows = (tl.program_id(0) // num_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_tile = tl.arange(0, BLOCK_T)
@@ -64,6 +65,13 @@ def _quantize_kernel(x_ptr, data_ptr, scales_ptr, M, K, num_tiles,
     row_ok = rows < M
     mask = row_ok[:, None] & ((in_tile < TILE) & (cols < K))[None, :]
     offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    return tile_index, rows, row_ok, mask, offsets
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, data_ptr, scales_ptr, M, K, num_tiles,
+                     TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    tile_index, rows, row_ok, mask, offsets = _tile_block(M, K, num_tiles, TILE, BLOCK_M, BLOCK_T)
     # Masked lanes read 0, which never raises an amax (the reference zero-pads the same way).
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     # The amax as an integer max over the bits of |x|: non-negative floats order like their bit
@@ -83,13 +91,7 @@ def _quantize_kernel(x_ptr, data_ptr, scales_ptr, M, K, num_tiles,
 @triton.jit
 def _dequantize_kernel(data_ptr, scales_ptr, out_ptr, M, K, num_tiles,
                        TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
-    tile_index = tl.program_id(0) % num_tiles
-    rows = (tl.program_id(0) // num_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_tile = tl.arange(0, BLOCK_T)
-    cols = tile_index * TILE + in_tile
-    row_ok = rows < M
-    mask = row_ok[:, None] & ((in_tile < TILE) & (cols < K))[None, :]
-    offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    tile_index, rows, row_ok, mask, offsets = _tile_block(M, K, num_tiles, TILE, BLOCK_M, BLOCK_T)
     q = tl.load(data_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scales_ptr + rows.to(tl.int64) * num_tiles + tile_index, mask=row_ok, other=1.0)
     # The product is formed in FP32 and rounded once to the output dtype, as the reference does.
