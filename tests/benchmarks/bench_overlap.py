@@ -1,0 +1,172 @@
+"""The expert all-to-all hidden by parallel.overlap=ep (K2 §2.4), measured on a slow network made on
+this machine.
+
+Not a test: `make bench-overlap` (as root) prints numbers. Between gloo processes on a plain
+loopback an all-to-all is a memory copy that costs CPU, not wall time, so overlap cannot show. The
+benchmark creates its own network namespace whose loopback is rate-limited with a tbf qdisc (a
+shaped loopback carries its configured rate, and waiting on it costs no CPU), runs each layout
+there with overlap off and on, once on the unshaped and once on the shaped loopback, and removes
+the namespace at the end, also on failure. Only loopback addresses are used.
+
+Per rank it prints the micro-batch loop's time (forwards, backwards and their exchanges; the part
+overlap changes), the whole step's, the compute time c (the loop on the unshaped loopback), the
+exposed all-to-all wait (loop time minus c), and the ideal max(c, comm) / (c + comm) with comm the
+plain run's exposed wait. Timings are medians over the steps after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+HERE = Path(__file__).resolve().parent
+NAMESPACE = "k2bench-overlap"
+QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=false"]
+# Longer sequences than the tiny config's default, so each exchange carries enough bytes to be
+# slowed by the shaped link; 4 micro-batches per data rank.
+SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}"]
+LAYOUTS = {"pp1xep4xdp2 (8 processes)": (4, 2), "pp1xep4 (4 processes)": (4, 1)}
+
+
+def measure(payload: dict) -> dict:
+    """On one rank: take the steps and time each step and its micro-batch loop."""
+    from k2train.config.load import load_config
+    from k2train.train.loop import open_sampler
+    from parallel.runner import ParallelRunner
+    from parallel.state import device_for, init_parallel, launch_env
+    from parallel.trainer import layout_for
+
+    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
+    env = launch_env()
+    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
+    runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]))
+    loop_times: list[float] = []
+    run_local = runner._run_local
+
+    def timed_loop(*args):
+        start = time.perf_counter()
+        out = run_local(*args)
+        loop_times.append(time.perf_counter() - start)
+        return out
+
+    runner._run_local = timed_loop
+    step_times = []
+    for _ in range(payload["steps"]):
+        torch_barrier()
+        start = time.perf_counter()
+        result = runner.forward_backward()
+        runner.clip_gradients(cfg.optimizer.max_grad_norm)
+        runner.optimizer_step(1e-3, result.max_logits_LH)
+        runner.update_router_biases(result.counts_ME)
+        step_times.append(time.perf_counter() - start)
+    torch_barrier()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return dict(loop=statistics.median(loop_times[1:]), step=statistics.median(step_times[1:]))
+
+
+def torch_barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def run_layout(ep: int, dp: int, overlap: str, steps: int, data: str) -> list[dict]:
+    from multiproc import run_world
+
+    micro = 4
+    tokens = 128 * 2 * micro * dp
+    overrides = [*QUIET, *[s.format(tokens=tokens) for s in SIZES], "parallel.pp=1", "parallel.vp=1",
+                 f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
+    return run_world(ep * dp, "bench_overlap:measure", dict(overrides=overrides, data=data, steps=steps), timeout=900)
+
+
+def inside(args) -> None:
+    """In the namespace: every layout on the unshaped loopback, then on the shaped one."""
+    from k2train.data.prepare import prepare_dataset
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "sources")
+        prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), Path(data), "byte")
+        results: dict[tuple[str, str, str], list[dict]] = {}
+        for link in ("unshaped", "shaped"):
+            if link == "shaped":
+                _run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.rate,
+                      "burst", args.burst, "latency", "2s"])  # a long queue: no drops, no TCP retransmits
+            for name, (ep, dp) in LAYOUTS.items():
+                for overlap in ("none", "ep"):
+                    start = time.perf_counter()
+                    results[name, link, overlap] = run_layout(ep, dp, overlap, args.steps, data)
+                    print(f"  {name}, {link}, overlap={overlap}: {time.perf_counter() - start:.0f} s", flush=True)
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    print(f"\nk2_tiny, pp=1, seq 128 x 2 per micro-batch, 4 micro-batches per step, {args.steps} steps "
+          f"(median of steps 2+), loopback shaped to {args.rate} (tbf burst {args.burst}); times in s")
+    for name in LAYOUTS:
+        print(f"\n{name}")
+        print("  rank  overlap  step    loop    compute  exposed-a2a  ideal     loop/plain  exposed/plain")
+        plain = results[name, "shaped", "none"]
+        for overlap in ("none", "ep"):
+            for rank, got in enumerate(results[name, "shaped", overlap]):
+                c = results[name, "unshaped", overlap][rank]["loop"]
+                c_plain = results[name, "unshaped", "none"][rank]["loop"]
+                comm = plain[rank]["loop"] - c_plain
+                exposed = got["loop"] - c
+                ideal = max(c, comm) / (c + comm)
+                print(f"  {rank:4d}  {overlap:7s}  {got['step']:.3f}  {got['loop']:.3f}  {c:.3f}    "
+                      f"{exposed:.3f}        {ideal:.2f}      {got['loop'] / plain[rank]['loop']:.2f}        "
+                      f"{exposed / (plain[rank]['loop'] - c_plain):.2f}")
+        share = statistics.mean((p["loop"] - u["loop"]) / p["loop"]
+                                for p, u in zip(plain, results[name, "unshaped", "none"]))
+        print(f"  mean share of the plain loop spent waiting on the all-to-all: {share:.2f}")
+
+
+def _run(command: list[str]) -> None:
+    subprocess.run(command, check=True)
+
+
+def outside(args) -> None:
+    """Create the namespace, run this script inside it, and remove the namespace whatever happens."""
+    if os.geteuid() != 0:
+        sys.exit("bench-overlap creates a network namespace (ip netns) and needs root.")
+    subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)  # a leftover of a killed run
+    _run(["ip", "netns", "add", NAMESPACE])
+    # SIGTERM becomes an exception, so the finally below removes the namespace then too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        _run(["ip", "-n", NAMESPACE, "link", "set", "lo", "up"])
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+        subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
+                        "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps)], check=True, env=env)
+    finally:
+        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", default="200mbit", help="tbf rate of the shaped loopback")
+    parser.add_argument("--burst", default="256kb", help="tbf burst of the shaped loopback")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        inside(args)
+    else:
+        outside(args)
+
+
+if __name__ == "__main__":
+    main()
