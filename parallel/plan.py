@@ -93,6 +93,9 @@ class Plan:
     step_s: float
     bubble_s: float
     model_flops: int  # per step, the MFU numerator
+    # The step with every overlappable transfer under compute (the EP all-to-all too, whatever
+    # parallel.overlap says); step_s is as built.
+    ideal_step_s: float = 0.0
 
     @property
     def mfu(self) -> float:
@@ -119,16 +122,25 @@ def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str
     ranks = tuple(_rank_plan(cfg, layout, hardware, attention, m, split, pp, groups[pp]) for pp in range(layout.pp))
     busiest = max(r.compute_s for r in ranks)
     bubble_s = busiest * bubble(layout.pp, layout.vp, m)
-    # Overlapped traffic costs only what exceeds the rank's compute.
-    exposed = max(r.compute_s + sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic if t.overlapped)
-                  for r in ranks)
-    step_s = exposed + bubble_s + max(r.update_s for r in ranks)
+    # Overlapped traffic costs only what exceeds the rank's compute; the rest all of its time.
+    def step(ideal: bool) -> float:
+        exposed = max(r.compute_s + sum(
+            max(t.seconds - r.compute_s, 0.0) if t.overlapped or (ideal and t.name in _OVERLAPPED) else t.seconds
+            for t in r.traffic if t.overlapped or t.name in _OVERLAPPED) for r in ranks)
+        return exposed + bubble_s + max(r.update_s for r in ranks)
+
     model_flops = cfg.train.global_batch_tokens * flops_per_token(cfg.model, cfg.data.seq_len).training
-    return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops)
+    return Plan(cfg, layout, hardware, attention, m, ranks, step(False), bubble_s, model_flops, step(True))
 
 
-# Traffic that runs during the schedule, under compute (K2 §2.4); the rest runs after it.
+# Traffic that runs during the schedule, under compute (K2 §2.4); the rest runs after it. The EP
+# all-to-all is overlapped as built only with parallel.overlap=ep (parallel/overlap.py); without
+# it each exchange blocks its own micro-batch's compute.
 _OVERLAPPED = ("EP all-to-all", "pipeline send/receive", "activation offload")
+
+
+def _overlapped_as_built(cfg: JobConfig, name: str) -> bool:
+    return name in _OVERLAPPED and (name != "EP all-to-all" or cfg.parallel.overlap != "none")
 
 
 def activation_settings(cfg: JobConfig, layout: Layout, attention: str, fp8: bool, recompute: bool) -> ActivationSettings:
@@ -160,7 +172,7 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     compute_s = sum(m * T * stage_train_flops(cfg.model, a.seq, split[s], s == last, a.recompute, attention == "fused")
                     for s in stages) / (hw.peak_tflops * 1e12 * hw.efficiency)
     traffic = _traffic(cfg, layout, hw, pp, m, split, saved, dense, expert, compute_s, p)
-    update_s = sum(t.seconds for t in traffic if not t.overlapped)
+    update_s = sum(t.seconds for t in traffic if t.name not in _OVERLAPPED)
     return RankPlan(pp, tuple(stages), tuple(split[s] for s in stages), dense.held, expert.held, dense, expert,
                     saved, features, buffers, as_built, ideal, compute_s, traffic, update_s, configured)
 
@@ -239,7 +251,7 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
     items.append(("optimizer update" + (" (states over PCIe)" if cfg.memory.optimizer_offload else ""),
                   states if cfg.memory.optimizer_offload else 0,
                   update, "PCIe" if cfg.memory.optimizer_offload else "device"))
-    return tuple(LinkTraffic(name, int(nbytes), seconds, name in _OVERLAPPED, where, seconds <= compute_s)
+    return tuple(LinkTraffic(name, int(nbytes), seconds, _overlapped_as_built(cfg, name), where, seconds <= compute_s)
                  for name, nbytes, seconds, where in items)
 
 

@@ -180,9 +180,14 @@ def _step_lines(plan: Plan) -> list[str]:
     update = max(r.update_s for r in plan.ranks)
     comm = plan.step_s - busiest.compute_s - plan.bubble_s - update
     return [
-        f"Step time (estimate): {plan.step_s:,.1f} s = compute {busiest.compute_s:,.1f} s (pipeline rank "
+        f"Step time as built (estimate): {plan.step_s:,.1f} s = compute {busiest.compute_s:,.1f} s (pipeline rank "
         f"{busiest.pp}) + bubble {plan.bubble_s:,.1f} s + communication beyond compute {comm:,.1f} s "
         f"+ reduce, gather and update {update:,.1f} s",
+        f"  ideal {plan.ideal_step_s:,.1f} s: the EP all-to-all hidden under compute as well (K2 §2.4), which "
+        f"the runtime does {'' if plan.cfg.parallel.overlap != 'none' else 'only with parallel.overlap=ep, not '}"
+        f"as configured (parallel.overlap={plan.cfg.parallel.overlap})"
+        + ("; the runtime runs overlap with pp = 1 only so far" if plan.cfg.parallel.overlap != "none"
+           and plan.layout.pp > 1 else ""),
         f"  MFU {plan.mfu:.1%} of {plan.hardware.peak_tflops:g} TFLOP/s ({plan.model_flops / 1e15:,.0f} PFLOP of model "
         f"FLOPs per step); {plan.tokens_per_s_per_gpu:,.0f} tokens/s per GPU",
     ]

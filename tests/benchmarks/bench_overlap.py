@@ -32,7 +32,10 @@ NAMESPACE = "k2bench-overlap"
 QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=false"]
 # Longer sequences than the tiny config's default, so each exchange carries enough bytes to be
 # slowed by the shaped link; 4 micro-batches per data rank.
-SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}"]
+# Wider than the tiny config too, so compute is in torch kernels (which release the GIL) rather than
+# in Python.
+SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
+         "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512"]
 LAYOUTS = {"pp1xep4xdp2 (8 processes)": (4, 2), "pp1xep4 (4 processes)": (4, 1)}
 
 
@@ -103,7 +106,7 @@ def inside(args) -> None:
             if link == "shaped":
                 _run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.rate,
                       "burst", args.burst, "latency", "2s"])  # a long queue: no drops, no TCP retransmits
-            for name, (ep, dp) in LAYOUTS.items():
+            for name, (ep, dp) in _chosen(args).items():
                 for overlap in ("none", "ep"):
                     start = time.perf_counter()
                     results[name, link, overlap] = run_layout(ep, dp, overlap, args.steps, data)
@@ -114,7 +117,7 @@ def inside(args) -> None:
 def report(results: dict, args) -> None:
     print(f"\nk2_tiny, pp=1, seq 128 x 2 per micro-batch, 4 micro-batches per step, {args.steps} steps "
           f"(median of steps 2+), loopback shaped to {args.rate} (tbf burst {args.burst}); times in s")
-    for name in LAYOUTS:
+    for name in _chosen(args):
         print(f"\n{name}")
         print("  rank  overlap  step    loop    compute  exposed-a2a  ideal     loop/plain  exposed/plain")
         plain = results[name, "shaped", "none"]
@@ -131,6 +134,10 @@ def report(results: dict, args) -> None:
         share = statistics.mean((p["loop"] - u["loop"]) / p["loop"]
                                 for p, u in zip(plain, results[name, "unshaped", "none"]))
         print(f"  mean share of the plain loop spent waiting on the all-to-all: {share:.2f}")
+
+
+def _chosen(args) -> dict[str, tuple[int, int]]:
+    return {name: layout for name, layout in LAYOUTS.items() if args.only in name}
 
 
 def _run(command: list[str]) -> None:
@@ -150,7 +157,7 @@ def outside(args) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
-                        "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps)], check=True, env=env)
+                        "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--only", args.only], check=True, env=env)
     finally:
         subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
 
@@ -160,6 +167,7 @@ def main() -> None:
     parser.add_argument("--rate", default="200mbit", help="tbf rate of the shaped loopback")
     parser.add_argument("--burst", default="256kb", help="tbf burst of the shaped loopback")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
