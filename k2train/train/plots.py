@@ -66,7 +66,7 @@ def _loss_figure(name: str, steps: Sequence[dict[str, Any]]) -> Figure:
         lines += ax.plot([r["step"] for r in evaluated], _finite([r["val_loss"] for r in evaluated]),
                          color="C2", marker="s", label="validation loss")
     _step_axis(ax, x)
-    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_ylabel("loss (cross-entropy)" if evaluated else "training loss (cross-entropy)")
     lr_ax = ax.twinx()
     lr = _finite([r["lr"] for r in steps])
     lines += lr_ax.plot(x, lr, color="C1", ls="--", marker=marker, label="learning rate")
