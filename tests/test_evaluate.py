@@ -95,11 +95,23 @@ def test_validation_loss_of_pp2xvp2xep2xdp2_equals_one_process(data, one):
         assert result["unchanged"], rank
         for got, want in zip(result["val"], one["val"], strict=True):
             assert got == pytest.approx(want, rel=1e-5, abs=0), rank
+        for got, want in zip(result["steps"], one["steps"], strict=True):  # the training statistics
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and torch.equal(got["counts"], want["counts"])
+            torch.testing.assert_close(got["max_logits"], want["max_logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("features", [
+    pytest.param(["memory.fp8_activations=true", "memory.selective_recompute=true",
+                  "memory.activation_offload=true"], id="fp8-recompute-offload"),
+    pytest.param(["train.param_dtype=bfloat16"], id="bf16")])
+def test_validation_runs_with_the_memory_features(data, features):
+    result = _run(1, layout_overrides(1, 1, 1, 1) + features, data, True)[0]
+    assert result["unchanged"] and all(0 < v < 10 for v in result["val"])
 
 
 def test_a_run_logs_plots_and_summarises_the_validation_loss(tmp_path, data, capsys):
     from k2train.config.load import load_config
-    from k2train.train.metrics import read_metrics
+    from k2train.train.metrics import read_metrics, wandb_scalars
     from parallel.trainer import run_training
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", [
@@ -114,3 +126,5 @@ def test_a_run_logs_plots_and_summarises_the_validation_loss(tmp_path, data, cap
     assert "val loss" in printed  # the per-step line without a progress bar
     assert (result.run_dir / "loss.png").stat().st_size > 0
     assert json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[2])["val_loss"] == steps[1]["val_loss"]
+    scalars = wandb_scalars({**steps[1], "data_share": {"web": 0.75, "code": 0.25}})
+    assert scalars["val_loss"] == steps[1]["val_loss"] and scalars["data_share/code"] == 0.25
