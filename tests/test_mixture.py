@@ -89,6 +89,11 @@ def test_a_changed_mixture_is_refused_on_resume(sets):
     other, _ = build_samplers(mixture(sets, weights=(0.5, 0.3, 0.2)), 512)
     with pytest.raises(DataError, match="weights"):
         other.load_state_dict(sampler.state_dict())
+    single, _ = build_samplers(DataConfig(prefix=sets["web"], seq_len=SEQ, seed=7), 512)
+    with pytest.raises(DataError, match="state is of a data.mixture, but this run reads one dataset"):
+        single.load_state_dict(sampler.state_dict())
+    with pytest.raises(DataError, match="state is of a single dataset, but this run reads data.mixture"):
+        sampler.load_state_dict(single.state_dict())
 
 
 def test_held_out_split_is_at_a_document_boundary_and_restarts(sets):

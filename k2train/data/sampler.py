@@ -113,6 +113,9 @@ class SequenceSampler:
         """Continue from a saved position; the data and seed must be those it was saved with.
 
         A saved seq_len other than this sampler's re-cuts the span (module docstring)."""
+        if state.get("kind") == "mixture":
+            raise DataError("the saved sampler state is of a data.mixture, but this run reads one dataset; "
+                            "a run cannot switch between them on resume.")
         if state.get("seed") != self.seed:
             raise DataError(
                 f"the saved sampler state has seed {state.get('seed')}, but this run's sampler over "
