@@ -32,6 +32,13 @@ import torch.distributed.checkpoint as dcp
 from k2train.config.load import config_to_dict
 from k2train.config.schema import JobConfig
 
+# Model fields a resumed run may change: they leave every weight's shape and meaning as they were.
+# The position settings are how K2 extends the context after pre-training (4k, then 32k with YaRN);
+# expert_impl only picks a kernel; init_std only matters before the first step; the bias rate is a
+# training rate. Every other model field changes the weights, so a checkpoint with another value is
+# another model.
+RESUMABLE_MODEL_FIELDS = frozenset(
+    {"max_position_embeddings", "yarn", "rope_theta", "expert_impl", "init_std", "router_bias_update_rate"})
 MANIFEST = "k2train.json"
 LATEST = "latest"
 FORMAT = 1
@@ -184,7 +191,7 @@ class Checkpointer:
         manifest = json.loads(manifest_path.read_text())
         ours = config_to_dict(self.cfg.model)
         for key, value in manifest["model"].items():
-            if ours.get(key) != value:
+            if key not in RESUMABLE_MODEL_FIELDS and ours.get(key) != value:
                 raise CheckpointError(
                     f"{manifest_path} was saved for model.{key}={value!r}, but this run has model.{key}={ours.get(key)!r}."
                 )

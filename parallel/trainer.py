@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
-from k2train.train.loop import NonFiniteLossError, RunResult, data_prefix, open_sampler, train
+from k2train.train.loop import NonFiniteLossError, RunResult, data_prefix, open_samplers, train
 from parallel.checkpoint import Checkpointer
+from parallel.evaluate import Evaluator
 from parallel.layout import Layout, make_layout
 from parallel.pipeline import describe_split
 from parallel.runner import ParallelRunner
@@ -69,15 +70,16 @@ def run_training(cfg: JobConfig, env: LaunchEnv | None = None) -> RunResult:
 
 
 def _train_rank(cfg: JobConfig, state: ParallelState) -> RunResult:
-    sampler = open_sampler(cfg, _shared_data_prefix(cfg, state))
+    sampler, valid_sampler = open_samplers(cfg, _shared_data_prefix(cfg, state))
     runner = ParallelRunner(cfg, state, sampler)
+    evaluation = Evaluator(runner, valid_sampler, cfg.train.eval_batches) if valid_sampler and cfg.train.eval_every else None
     layout = state.layout
     if state.is_logging_rank and layout.pp > 1:
         print(f"k2train: {layout.num_stages} pipeline stages over pp={layout.pp} x vp={layout.vp}:")
         print(describe_split(runner.split, layout.pp))
     header = dict(world_size=layout.world_size, pp=layout.pp, vp=layout.vp, ep=layout.ep, dp=layout.dp)
     runner.attach_checkpointer(Checkpointer(cfg, checkpoint_root(cfg), state.rank, state.is_distributed), header)
-    return train(cfg, runner, header, state.is_logging_rank)
+    return train(cfg, runner, header, state.is_logging_rank, evaluation)
 
 
 def checkpoint_root(cfg: JobConfig) -> Path:

@@ -137,15 +137,34 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class MixtureEntry:
+    """One dataset of a weighted mixture (`data.mixture`)."""
+
+    prefix: str = ""
+    # Relative share of the sequences drawn (the weights need not add up to 1).
+    weight: float = 1.0
+    # Shown in the metrics' realised shares; "" names it by the prefix's last path component.
+    name: str = ""
+    # A separate held-out .bin/.idx for validation; "" holds out data.valid_fraction of this one.
+    valid_prefix: str = ""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Pre-tokenised Megatron indexed data (.bin + .idx), or the embedded default corpus."""
 
-    # Path prefix of a .bin/.idx pair; "" uses the embedded default corpus.
+    # Path prefix of a .bin/.idx pair; "" with no mixture uses the embedded default corpus.
     prefix: str = ""
+    # A weighted mixture of datasets instead of one prefix (k2train/data/mixture.py).
+    mixture: tuple[MixtureEntry, ...] = ()
     seq_len: int = 64
     seed: int = 1234
-    # Used only to prepare the default corpus: "byte" or a path to a HF tokenizer.json.
+    # Used only to prepare the default corpus: "byte", a HF tokenizer.json, or a tiktoken BPE file.
     tokenizer: str = "byte"
+    # Validation data of the single dataset: a separate .bin/.idx prefix ("" for none) ...
+    valid_prefix: str = ""
+    # ... or the fraction of each dataset's documents (its last ones) held out of training.
+    valid_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     # Log a loss spike when a step's loss exceeds this factor times the mean of the previous 10; 0: off.
     loss_spike_factor: float = 1.5
+    # A validation loss every this many steps and after the last; 0: never.
+    eval_every: int = 0
+    # Batches of global_batch_tokens held-out tokens per validation: the same ones every time.
+    eval_batches: int = 1
 
 
 @dataclass(frozen=True)
