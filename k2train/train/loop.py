@@ -63,7 +63,6 @@ class StepRunner(Protocol):
     def end_of_step(self, step: int, last: bool) -> None: ...  # checkpoints
 
 
-@dataclass(frozen=True)
 class Evaluation(Protocol):
     """The validation loss of the model as it is (implemented by parallel.evaluate.Evaluator)."""
 
