@@ -73,6 +73,7 @@ _BOUNDS: tuple[tuple[str, _Bound], ...] = (
     ("train.micro_batch_size", _ge(1)),
     ("train.seed", _ge(0)),
     ("train.loss_spike_factor", _ge(0)),
+    ("train.max_skipped_steps", _ge(1)),
     ("memory.optimizer_chunk_mb", _gt(0)),
     ("checkpoint.every_steps", _ge(0)),
     ("checkpoint.keep_last", _ge(1)),
@@ -86,6 +87,7 @@ _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("train.param_dtype", PARAM_DTYPES),
     ("optimizer.ns_dtype", PARAM_DTYPES),
     ("train.on_nonfinite", ("stop", "skip")),
+    ("checkpoint.resume", ("same", "changed")),
 )
 
 _NON_EMPTY = ("data.tokenizer", "logging.run_root", "logging.wandb_project")
