@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from k2train.config.load import config_to_dict
 from k2train.config.schema import JobConfig
@@ -134,9 +135,10 @@ def gather_objects(value: Any, distributed: bool) -> list[Any]:
 
 
 def _out_of_space(err: BaseException, root: Path) -> bool:
-    """True when a failed save ran out of disk: ENOSPC anywhere in the chain, or the torch zip writer's
-    short-write error ("unexpected pos") on a file system left with under 1 MiB."""
-    seen, frontier = set(), [err]
+    """True when a failed save ran out of disk: ENOSPC anywhere in the chain (DCP wraps each rank's
+    failure), or the torch zip writer's short-write error ("unexpected pos") on a file system left
+    with under 1 MiB."""
+    seen, frontier, short_write = set(), [err], False
     while frontier:
         e = frontier.pop()
         if id(e) in seen:
@@ -144,9 +146,11 @@ def _out_of_space(err: BaseException, root: Path) -> bool:
         seen.add(id(e))
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
             return True
+        short_write = short_write or "unexpected pos" in str(e)
         frontier += [x for x in (e.__cause__, e.__context__) if x is not None]
-        frontier += [x for x in getattr(e, "failures", {}).values() if isinstance(x, BaseException)]
-    return "unexpected pos" in repr(err) and shutil.disk_usage(root).free < (1 << 20)
+        for failure in getattr(e, "failures", {}).values():
+            frontier += [x for x in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(x, BaseException)]
+    return short_write and shutil.disk_usage(root).free < (1 << 20)
 
 
 class Checkpointer:
@@ -181,7 +185,7 @@ class Checkpointer:
             else:
                 dcp.save(state, storage_writer=JsonWriter(str(partial)), no_dist=not self.distributed)
                 self._publish(partial, manifest)
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             self._failed(err, partial)
 
     def poll(self) -> None:
@@ -200,10 +204,10 @@ class Checkpointer:
             try:
                 future.result()
                 self._publish(partial, manifest)
-            except Exception as err:
+            except (Exception, CheckpointException) as err:
                 self._failed(err, partial)
 
-    def _failed(self, err: Exception, partial: Path) -> None:
+    def _failed(self, err: BaseException, partial: Path) -> None:
         """A save that failed: its partial directory goes, and running out of space is said as such."""
         full = _out_of_space(err, self.root)
         if self.rank == 0:

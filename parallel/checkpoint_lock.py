@@ -23,6 +23,7 @@ from pathlib import Path
 from parallel.checkpoint_metadata import CheckpointError, UnsafeMetadataError, read_json_file
 
 LOCK = "k2train.lock"
+_FORCED = "checkpoint.take_over=true"
 
 
 class CheckpointLockError(CheckpointError):
@@ -68,7 +69,9 @@ class CheckpointLock:
         self.path = root / LOCK
         self.owner = LockOwner(socket.gethostname(), os.getpid(), launch_id(), uuid.uuid4().hex[:12],
                                dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-        self.previous: LockOwner | None = None  # the gone owner this lock was taken over from
+        # The owner this lock was taken from when it is provably gone (its partial saves are abandoned);
+        # None after a forced take-over, whose owner may still be writing.
+        self.previous: LockOwner | None = None
 
     def acquire(self) -> None:
         try:
@@ -83,7 +86,7 @@ class CheckpointLock:
                 f"checkpoint directory {self.root} is in use by {other.describe()} (lock file {self.path}); "
                 "give this run another checkpoint.dir, or, if that run is gone, --set checkpoint.take_over=true.")
         print(f"k2train: taking over {self.path} from {other.describe()}: {why}")
-        self.previous = other
+        self.previous = None if why == _FORCED else other
         self.path.unlink(missing_ok=True)
         try:
             self._create()
@@ -114,13 +117,11 @@ class CheckpointLock:
     def _may_take(self, other: LockOwner) -> str | None:
         if other.pid == -1:
             return "the lock was released or unreadable"
-        if self.take_over:
-            return "checkpoint.take_over=true"
         if other.launch and other.launch == self.owner.launch:
             return "it is an earlier attempt of this same job"
         if other.host == self.owner.host and not _pid_alive(other.pid):
             return f"pid {other.pid} no longer exists on this host"
-        return None
+        return _FORCED if self.take_over else None
 
     def release(self) -> None:
         """Remove the lock if it is still ours (a take-over by force may have replaced it)."""

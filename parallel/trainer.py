@@ -99,13 +99,15 @@ def _lock(cfg: JobConfig, root: Path, state: ParallelState) -> CheckpointLock | 
     """Rank 0 takes the checkpoint directory's lock (when the run saves); every rank learns the outcome."""
     if not cfg.checkpoint.every_steps:
         return None
-    lock, problem = CheckpointLock(root, cfg.checkpoint.take_over), ""
+    lock, failure = CheckpointLock(root, cfg.checkpoint.take_over), None
     if state.rank == 0:
         try:
             lock.acquire()
         except CheckpointError as err:
-            problem = str(err)
-    problem = gather_objects(problem, state.is_distributed)[0]
+            failure = err
+    problem = gather_objects(str(failure) if failure else "", state.is_distributed)[0]
+    if failure is not None:
+        raise failure
     if problem:
         raise CheckpointError(problem)
     return lock
