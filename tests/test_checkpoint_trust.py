@@ -266,3 +266,49 @@ def test_an_unreadable_newest_checkpoint_names_the_intact_one_and_falls_back_onl
     run_training(tiny(tmp_path, corpus, "train.steps=3", "checkpoint.fallback=true", name="fallback"))
     lines = (tmp_path / "runs" / "fallback" / "metrics.jsonl").read_text().splitlines()[1:]
     assert [json.loads(line)["step"] for line in lines] == [2, 3]
+
+
+def signalled_job(payload: dict) -> str:
+    """One rank of a run; with `signal_at`, rank 1 alone receives SIGTERM during that step."""
+    import signal
+
+    import torch.distributed as dist
+
+    from parallel.runner import ParallelRunner
+    from parallel.signals import JobStopped
+
+    end_of_step = ParallelRunner.end_of_step
+
+    def signalled(self, step, last):
+        if step == payload.get("signal_at") and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return end_of_step(self, step, last)
+
+    ParallelRunner.end_of_step = signalled
+    try:
+        run_training(tiny(Path(payload["tmp"]), payload["corpus"], *payload["overrides"], name=payload["name"]))
+    except JobStopped as err:
+        return f"{err} (exit {err.exit_code})"
+    return "finished"
+
+
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_bit_for_bit(tmp_path, corpus):
+    from test_checkpoint import model_tensors
+
+    def job(name, steps, ckpt, **extra):
+        overrides = ["parallel.ep=2", "parallel.dp=1", f"train.steps={steps}", "checkpoint.every_steps=3",
+                     f"checkpoint.dir={tmp_path / ckpt}"]
+        return run_world(2, "test_checkpoint_trust:signalled_job",
+                         dict(tmp=str(tmp_path), corpus=corpus, overrides=overrides, name=name, **extra))
+
+    assert job("whole", 4, "c-whole") == ["finished"] * 2
+    stopped = job("first", 4, "c-split", signal_at=2)
+    assert stopped[0] == stopped[1]
+    assert stopped[0].startswith("stopped by SIGTERM after step 2 of 4; its checkpoint is in") and "(exit 143)" in stopped[0]
+    assert (tmp_path / "c-split" / "latest").read_text() == "step_00000002"
+    assert job("second", 4, "c-split") == ["finished"] * 2
+    a = model_tensors(tmp_path / "c-whole" / "step_00000004", tmp_path)
+    b = model_tensors(tmp_path / "c-split" / "step_00000004", tmp_path)
+    assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
