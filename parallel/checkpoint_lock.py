@@ -74,6 +74,7 @@ class CheckpointLock:
         self.previous: LockOwner | None = None
 
     def acquire(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         try:
             self._create()
             return

@@ -21,15 +21,13 @@ class PathError(ConfigError):
 
 
 def check_writable_dir(path: Path, what: str) -> None:
-    """Create `path` if needed and prove it writable, or raise PathError naming `what`."""
-    for parent in (path, *path.parents):
-        if parent.exists() and not parent.is_dir():
-            raise PathError(f"{what} {path} cannot be a directory: {parent} is a file.")
-        if parent.exists():
-            break
+    """Prove that `path` is, or can be created as, a writable directory (nothing is left behind:
+    a missing one is probed in its nearest existing parent), or raise PathError naming `what`."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise PathError(f"{what} {path} cannot be a directory: {existing} is a file.")
+    probe = existing / f".k2train-write-test-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".k2train-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
