@@ -62,7 +62,6 @@ class Restored:
     step: int
     sampler: dict[str, Any]
     path: Path
-    lineage: dict[str, Any]
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -282,8 +281,7 @@ class Checkpointer:
         dcp.load(wanted, storage_reader=reader, no_dist=not self.distributed)
         if rng_key in wanted:
             torch.set_rng_state(wanted[rng_key])
-        restored = Restored(manifest["step"], manifest.get("sampler", {}), path, manifest.get("lineage", {}))
-        return restored, with_optimizer
+        return Restored(manifest["step"], manifest.get("sampler", {}), path), with_optimizer
 
     def _blocks_note(self, manifest: dict) -> str:
         """Why keys can be missing across runs of one model: another AdamW row-block size."""
@@ -325,6 +323,7 @@ class Checkpointer:
         self.verified[path] = manifest
         return manifest
 
-    def resume_lineage(self, restored: Restored) -> None:
-        """Continue the lineage of `restored`, refusing a changed config unless checkpoint.resume=changed."""
-        self.lineage = check_lineage(self.cfg, restored.lineage, restored.path / MANIFEST, self.run_id)
+    def resume_lineage(self, path: Path) -> None:
+        """Continue the lineage of the checkpoint at `path`, refusing a changed config unless
+        checkpoint.resume=changed."""
+        self.lineage = check_lineage(self.cfg, self.verify(path).get("lineage", {}), path / MANIFEST, self.run_id)

@@ -212,8 +212,8 @@ class ParallelRunner:
         if self.cfg.train.steps <= step:
             raise CheckpointError(f"{path} is already at step {step}, and train.steps is {self.cfg.train.steps}; "
                                   "raise train.steps to train on, or use another checkpoint.dir to start over.")
+        checkpointer.resume_lineage(path)
         restored, with_optimizer = checkpointer.load(path, self.checkpoint_tensors())
-        checkpointer.resume_lineage(restored)
         self.optimizer.restore(restored.step if with_optimizer else 0, with_optimizer)
         if restored.sampler:
             self.sampler.load_state_dict(restored.sampler)

@@ -67,7 +67,7 @@ def stop_on_signal(runner, step: int, saved: bool) -> None:
     """After `step`: if any rank was signalled, every rank checkpoints (checkpoint.save_on_signal)
     and raises JobStopped with the same sentence."""
     signum = runner.stop_signals.agreed()
-    if not signum:
+    if not signum or step == runner.cfg.train.steps:  # the run is complete: it ends as usual
         return
     cfg, checkpointer = runner.cfg, runner.checkpointer
     where = "no checkpoint was written (checkpoints are off or checkpoint.save_on_signal is false)"
