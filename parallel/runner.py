@@ -86,6 +86,7 @@ class ParallelRunner:
         m = cfg.model
         self.start_step = 0
         self.checkpointer = None
+        self.stop_signals = None
         self.optimizer = ShardedMuonClip(
             [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
             state.dense_group, state.expert_grad_group, cfg.optimizer,

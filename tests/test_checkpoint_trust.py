@@ -80,6 +80,18 @@ def test_a_crafted_metadata_runs_nothing_and_is_refused_by_name(tmp_path):
     assert not marker.exists()
 
 
+def test_trust_checkpoint_reads_a_checkpoint_that_has_only_the_pickled_index(tmp_path):
+    small_checkpointer(tmp_path).save(1, {"model/x": torch.arange(4.0)}, {}, {"world_size": 1})
+    step = tmp_path / "ckpt" / "step_00000001"
+    (step / METADATA_JSON).unlink()
+    manifest = json.loads((step / MANIFEST).read_text())
+    del manifest["files"][METADATA_JSON]
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    out = {"model/x": torch.zeros(4)}
+    small_checkpointer(tmp_path, "checkpoint.trust_pickle_metadata=true").load(step, out)
+    assert torch.equal(out["model/x"], torch.arange(4.0))
+
+
 def test_a_json_index_pointing_outside_the_checkpoint_is_refused(tmp_path):
     ck = small_checkpointer(tmp_path)
     ck.save(1, {"model/x": torch.arange(4.0)}, {}, {"world_size": 1})
