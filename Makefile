@@ -86,6 +86,7 @@ bench-device-memory:
 # and ends with the parameters of an uninterrupted run (about a minute; CI runs it).
 fault-test: install
 	$(BIN)/python tests/faults/kill_resume.py
+	$(BIN)/python tests/faults/sigterm_resume.py
 
 # A real Slurm cluster (slurmctld + two slurmd) on this machine runs both sbatch scripts across
 # two nodes and the bad launches; the daemons are stopped by PID at the end.

@@ -22,7 +22,9 @@ from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
-from parallel.checkpoint import latest_checkpoint, router_bias_key
+from parallel.checkpoint import CheckpointError, router_bias_key
+from parallel.checkpoint_resume import resume_point
+from parallel.signals import stop_on_signal
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
 from parallel.state import ParallelState
@@ -84,6 +86,7 @@ class ParallelRunner:
         m = cfg.model
         self.start_step = 0
         self.checkpointer = None
+        self.stop_signals = None
         self.optimizer = ShardedMuonClip(
             [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
             state.dense_group, state.expert_grad_group, cfg.optimizer,
@@ -199,12 +202,18 @@ class ParallelRunner:
             tensors[router_bias_key(layer)] = bias
         return tensors
 
-    def attach_checkpointer(self, checkpointer, layout_header: dict) -> None:
-        """Resume from the latest checkpoint under the checkpointer's root, if any, and save from now on."""
-        self.checkpointer, self.layout_header = checkpointer, layout_header
-        path = latest_checkpoint(checkpointer.root)
+    def attach_checkpointer(self, checkpointer, layout_header: dict, stop_signals=None) -> None:
+        """Resume from the latest checkpoint under the checkpointer's root, if any, and save from now
+        on; with `stop_signals` (parallel/signals.py), stop cleanly on SIGTERM / SIGINT."""
+        self.checkpointer, self.layout_header, self.stop_signals = checkpointer, layout_header, stop_signals
+        path = resume_point(checkpointer)
         if path is None:
             return
+        step = checkpointer.verify(path)["step"]
+        if self.cfg.train.steps <= step:
+            raise CheckpointError(f"{path} is already at step {step}, and train.steps is {self.cfg.train.steps}; "
+                                  "raise train.steps to train on, or use another checkpoint.dir to start over.")
+        checkpointer.resume_lineage(path)
         restored, with_optimizer = checkpointer.load(path, self.checkpoint_tensors())
         self.optimizer.restore(restored.step if with_optimizer else 0, with_optimizer)
         if restored.sampler:
@@ -221,12 +230,16 @@ class ParallelRunner:
 
     def end_of_step(self, step: int, last: bool) -> None:
         every = self.cfg.checkpoint.every_steps
-        if self.checkpointer is None or not every:
-            return
-        if step % every == 0 or last:
-            self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
-        if last:
-            self.checkpointer.wait()
+        saved = False
+        if self.checkpointer is not None and every:
+            self.checkpointer.poll()  # an asynchronous save is published as soon as it is complete
+            if step % every == 0 or last:
+                self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
+                saved = True
+            if last:
+                self.checkpointer.wait()
+        if self.stop_signals is not None:
+            stop_on_signal(self, step, saved)
 
     def owned_gradients(self) -> dict[str, torch.Tensor]:
         """The reduced gradients this rank owns, by item key (valid between forward_backward and the step)."""

@@ -143,13 +143,13 @@ def crash_during_save(payload: dict) -> None:
     save = dcp.save
     calls = {"n": 0}
 
-    def dying_save(state, checkpoint_id, **kwargs):
+    def dying_save(state, storage_writer, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            os.makedirs(checkpoint_id, exist_ok=True)
-            Path(checkpoint_id, "__0_0.distcp").write_bytes(b"half a file")
+            os.makedirs(storage_writer.path, exist_ok=True)
+            Path(storage_writer.path, "__0_0.distcp").write_bytes(b"half a file")
             os._exit(9)
-        return save(state, checkpoint_id=checkpoint_id, **kwargs)
+        return save(state, storage_writer=storage_writer, **kwargs)
 
     dcp.save = dying_save
     train_job(payload)

@@ -76,6 +76,7 @@ _BOUNDS: tuple[tuple[str, _Bound], ...] = (
     ("train.eval_every", _ge(0)),
     ("train.eval_batches", _ge(1)),
     ("data.valid_fraction", _UNIT),
+    ("train.max_skipped_steps", _ge(1)),
     ("memory.optimizer_chunk_mb", _gt(0)),
     ("checkpoint.every_steps", _ge(0)),
     ("checkpoint.keep_last", _ge(1)),
@@ -89,6 +90,7 @@ _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("train.param_dtype", PARAM_DTYPES),
     ("optimizer.ns_dtype", PARAM_DTYPES),
     ("train.on_nonfinite", ("stop", "skip")),
+    ("checkpoint.resume", ("same", "changed")),
 )
 
 _NON_EMPTY = ("data.tokenizer", "logging.run_root", "logging.wandb_project")

@@ -182,6 +182,8 @@ class TrainConfig:
     # A NaN/inf loss or gradient norm: "stop" (after checkpointing the last good state, when
     # checkpoints are on) or "skip" (drop the step's update and go on).
     on_nonfinite: str = "stop"
+    # With on_nonfinite "skip": stop after this many non-finite steps in a row.
+    max_skipped_steps: int = 10
     # Log a loss spike when a step's loss exceeds this factor times the mean of the previous 10; 0: off.
     loss_spike_factor: float = 1.5
     # A validation loss every this many steps and after the last; 0: never.
@@ -199,6 +201,18 @@ class CheckpointConfig:
     every_steps: int = 0
     keep_last: int = 3
     async_save: bool = False
+    # Resume under another optimizer/data/train config than the checkpoint's: "same" refuses, naming
+    # what changed; "changed" continues the run's lineage under the new values.
+    resume: str = "same"
+    # Take the directory's lock from another run that k2train cannot prove gone (another host).
+    take_over: bool = False
+    # When the newest checkpoint is unreadable, resume from the newest intact one (else stop and name it).
+    fallback: bool = False
+    # On SIGTERM / SIGINT, write a checkpoint before exiting (when checkpoints are on).
+    save_on_signal: bool = True
+    # Read a checkpoint that has no JSON index through DCP's pickled `.metadata` (it can run code;
+    # set by `--trust-checkpoint`).
+    trust_pickle_metadata: bool = False
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,7 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evalu
     loss = float("nan")
     tau = cfg.optimizer.qk_clip_tau if cfg.optimizer.qk_clip else None
     spikes = SpikeWatch(cfg.train.loss_spike_factor)
+    skipped_in_row, skipped = 0, 0
     bar.update(runner.start_step)
     for step in range(runner.start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
@@ -155,10 +156,12 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evalu
         loss = result.loss
         grad_norm = runner.clip_gradients(cfg.optimizer.max_grad_norm)
         finite = bool(torch.isfinite(torch.tensor([loss, grad_norm])).all())
-        if not finite and cfg.train.on_nonfinite == "stop":
+        skipped_in_row = 0 if finite else skipped_in_row + 1
+        skipped += not finite
+        if not finite and (cfg.train.on_nonfinite == "stop" or skipped_in_row > cfg.train.max_skipped_steps):
             bar.close()
             runner.save_last_good(step - 1)
-            raise NonFiniteLossError(format_nonfinite_stop(step, last_good))
+            raise NonFiniteLossError(format_nonfinite_stop(step, last_good, skipped_in_row - 1, skipped - 1))
         if finite:
             runner.optimizer_step(lr, result.max_logits_LH)  # QK-Clip is part of the step (K2 Algorithm 1)
             runner.update_router_biases(result.counts_ME)
@@ -188,6 +191,9 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evalu
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
     bar.close()
+    if skipped and log is not None:
+        print(f"k2train: {skipped} of {cfg.train.steps - runner.start_step} steps were skipped for a non-finite "
+              "loss or gradient norm (train.on_nonfinite=skip)", flush=True)
     return loss
 
 

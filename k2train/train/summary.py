@@ -39,12 +39,17 @@ def format_summary(
     return "\n".join(_clip(line) for line in lines[:MAX_LINES])
 
 
-def format_nonfinite_stop(step: int, last_good: dict[str, Any] | None) -> str:
-    """The message for a run stopped because the loss of `step` is NaN or infinite."""
+def format_nonfinite_stop(step: int, last_good: dict[str, Any] | None, in_row: int = 0, skipped: int = 0) -> str:
+    """The message for a run stopped because the loss of `step` is NaN or infinite (under "skip":
+    after `in_row` skipped steps in a row, `skipped` in all)."""
     first = (
         f"Stopped at step {step}: the loss or gradient norm is not finite (NaN or inf); "
         "train.on_nonfinite is stop."
     )
+    if in_row:
+        first = (f"Stopped at step {step}: the loss or gradient norm is not finite (NaN or inf) for "
+                 f"{in_row + 1} steps in a row, more than train.max_skipped_steps={in_row}; {skipped} steps were "
+                 "skipped in all.")
     if last_good is None:
         return first + "\nNo earlier step had a finite loss."
     last = (
