@@ -93,6 +93,7 @@ class Plan:
     step_s: float
     bubble_s: float
     model_flops: int  # per step, the MFU numerator
+    split: tuple[range, ...]  # the layers of every virtual stage (parallel/stage_split.py)
 
     @property
     def mfu(self) -> float:
@@ -110,11 +111,11 @@ def default_attention(cfg: JobConfig) -> str:
 
 def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str | None = None) -> Plan:
     """The plan of `cfg` laid out as `layout` on `hardware` (see the module docstring)."""
-    from parallel.pipeline import split_layers
+    from parallel.stage_split import choose_split
 
     attention = attention or default_attention(cfg)
     m = micro_batches_per_step(cfg, layout.dp)
-    split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+    split = choose_split(cfg, layout.num_stages, layout.pp)
     groups = zero1_groups(cfg, layout, split)
     ranks = tuple(_rank_plan(cfg, layout, hardware, attention, m, split, pp, groups[pp]) for pp in range(layout.pp))
     busiest = max(r.compute_s for r in ranks)
@@ -124,7 +125,7 @@ def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str
                   for r in ranks)
     step_s = exposed + bubble_s + max(r.update_s for r in ranks)
     model_flops = cfg.train.global_batch_tokens * flops_per_token(cfg.model, cfg.data.seq_len).training
-    return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops)
+    return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops, tuple(split))
 
 
 # Traffic that runs during the schedule, under compute (K2 §2.4); the rest runs after it.

@@ -97,7 +97,8 @@ def _groups(plan: Plan, wanted: list[int] | None) -> list[list[RankPlan]]:
 
 def _stage_text(plan: Plan, stage: int, layers: range) -> str:
     parts = ["embedding"] if stage == 0 else []
-    parts.append(f"layer {layers.start}" if len(layers) == 1 else f"layers {layers.start}-{layers.stop - 1}")
+    if len(layers):
+        parts.append(f"layer {layers.start}" if len(layers) == 1 else f"layers {layers.start}-{layers.stop - 1}")
     if stage == plan.layout.num_stages - 1:
         parts.append("head + loss")
     return f"{stage} ({', '.join(parts)})"
@@ -179,7 +180,13 @@ def _step_lines(plan: Plan) -> list[str]:
     busiest = max(plan.ranks, key=lambda r: r.compute_s)
     update = max(r.update_s for r in plan.ranks)
     comm = plan.step_s - busiest.compute_s - plan.bubble_s - update
+    mean = sum(r.compute_s for r in plan.ranks) / len(plan.ranks)
+    split = "parallel.stage_layers" if plan.cfg.parallel.stage_layers is not None else "balanced by cost"
     return [
+        f"Layers per virtual stage ({split}, parallel/stage_split.py): "
+        + " ".join(str(len(layers)) for layers in plan.split),
+        f"  pipeline-rank compute: busiest {busiest.compute_s:,.1f} s, mean {mean:,.1f} s, "
+        f"busiest/mean {busiest.compute_s / mean:.3f}",
         f"Step time (estimate): {plan.step_s:,.1f} s = compute {busiest.compute_s:,.1f} s (pipeline rank "
         f"{busiest.pp}) + bubble {plan.bubble_s:,.1f} s + communication beyond compute {comm:,.1f} s "
         f"+ reduce, gather and update {update:,.1f} s",

@@ -24,7 +24,8 @@ from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
 from parallel.checkpoint import latest_checkpoint, router_bias_key
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
+from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.stage_split import choose_split
 from parallel.state import ParallelState
 from parallel.zero1 import ShardedMuonClip
 
@@ -54,7 +55,7 @@ class ParallelRunner:
                  measure_activations: bool = False):
         self.cfg, self.state, self.sampler = cfg, state, sampler
         layout, coords = state.layout, state.coords
-        self.split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+        self.split = choose_split(cfg, layout.num_stages, layout.pp)
         self.stage_indices = layout.stage_indices(coords.pp)
         parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
         dtype = getattr(torch, cfg.train.param_dtype)
