@@ -23,6 +23,8 @@ from parallel.layout import Layout
 from parallel.plan_activations import ActivationSettings, Saved, stage_saved
 from parallel.plan_memory import (
     GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
+from parallel.offload_budget import budget_bytes, offloaded_keys
+from parallel.offload_budget import host_bytes as offload_host_bytes
 from parallel.plan_time import (
     Hardware, LinkTraffic, bubble, collective_seconds, link_seconds, stage_train_flops)
 
@@ -132,6 +134,22 @@ def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str
 _OVERLAPPED = ("EP all-to-all", "pipeline send/receive", "activation offload")
 
 
+def budgeted_offload(cfg: JobConfig, layout: Layout, split: list[range], pp: int) -> set[tuple[int, int]]:
+    """The (stage, micro-batch) keys of pipeline rank `pp` that go to host under
+    memory.activation_offload_budget_gib (parallel/offload_budget.py): the runner offloads these,
+    the plan counts their bytes."""
+    return offloaded_keys(*_offload_inputs(cfg, layout, split, pp), budget_bytes(cfg.memory.activation_offload_budget_gib))
+
+
+def _offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int) -> tuple[list, dict[int, int]]:
+    """The rank's schedule ops and one micro-batch's floating-point saved bytes per stage."""
+    a = activation_settings(cfg, layout, default_attention(cfg), cfg.memory.fp8_activations,
+                            cfg.memory.selective_recompute)
+    last = layout.num_stages - 1
+    floating = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last).floating for s in layout.stage_indices(pp)}
+    return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp), floating
+
+
 def activation_settings(cfg: JobConfig, layout: Layout, attention: str, fp8: bool, recompute: bool) -> ActivationSettings:
     """The micro-batch shape, compute dtype and features the activation model needs."""
     p = 2 if cfg.train.param_dtype == "bfloat16" else 4
@@ -157,6 +175,9 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     buffers = pipeline_buffers(stages, layout.num_stages, m, p * T * D, T)
     dense, expert = groups
     peak = features[configured]
+    if cfg.memory.activation_offload and cfg.memory.activation_offload_budget_gib is not None:
+        # Under a budget the kept micro-batches' floating-point tensors stay too: at most the budget.
+        peak = replace(peak, device=peak.device + budget_bytes(cfg.memory.activation_offload_budget_gib))
     as_built, ideal = _memories(cfg, dense, expert, peak, buffers, p)
     compute_s = sum(m * T * stage_train_flops(cfg.model, a.seq, split[s], s == last, a.recompute, attention == "fused")
                     for s in stages) / (hw.peak_tflops * 1e12 * hw.efficiency)
@@ -213,6 +234,8 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
     sends = sum(m * p * T * D for s in stages if s < layout.num_stages - 1)
     sends += sum(m * p * T * D for s in stages if s > 0)
     offloaded = sum(m * saved[s].floating for s in stages) if cfg.memory.activation_offload else 0
+    if cfg.memory.activation_offload_budget_gib is not None:
+        offloaded = offload_host_bytes(budgeted_offload(cfg, layout, split, pp), {s: saved[s].floating for s in stages})
     spans = _spans_nodes(layout)
     items = [
         ("EP all-to-all", ep_bytes, link_seconds(ep_bytes, local, hw), "NVLink + network" if 0 < local < 1 else

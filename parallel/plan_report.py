@@ -57,7 +57,9 @@ def describe_plan(plan: Plan, pipeline_ranks: list[int] | None = None) -> str:
         f"  step: {cfg.train.global_batch_tokens:,} tokens = {lay.sequence_ranks} sequence ranks x {plan.micro_batches} "
         f"micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens; {cfg.train.param_dtype} parameters",
         f"  memory features: fp8_activations {_on(mem.fp8_activations)}, selective_recompute "
-        f"{_on(mem.selective_recompute)}, activation_offload {_on(mem.activation_offload)}, optimizer_offload "
+        f"{_on(mem.selective_recompute)}, activation_offload {_on(mem.activation_offload)}"
+        + (f" (device budget {mem.activation_offload_budget_gib:g} GiB)" if mem.activation_offload_budget_gib is not None
+           else "") + ", optimizer_offload "
         f"{_on(mem.optimizer_offload)}; attention {plan.attention}",
         f"  {_unit[0]} per GPU, for the GPU with the most memory among a stage's {lay.sequence_ranks} EP x DP ranks; "
         f"usable {hw.usable_bytes / GiB:g} of {hw.gpu_memory_gib:g} GiB",

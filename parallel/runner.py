@@ -25,6 +25,7 @@ from k2train.train.stats import StepResult
 from parallel.checkpoint import latest_checkpoint, router_bias_key
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.plan import budgeted_offload
 from parallel.stage_split import choose_split
 from parallel.state import ParallelState
 from parallel.zero1 import ShardedMuonClip
@@ -72,6 +73,8 @@ class ParallelRunner:
         self.offloader = ActivationOffloader(state.device) if cfg.memory.activation_offload else None
         self.saved = (SavedActivations(parts, self.offloader)
                       if self.offloader is not None or measure_activations else None)
+        self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp)
+                             if cfg.memory.activation_offload_budget_gib is not None else None)
         self.schedule = None
         if layout.pp > 1:
             # The executed order of stage forwards and backwards, kept only when asked for (tests).
@@ -103,7 +106,7 @@ class ParallelRunner:
         )
         inputs_BS, labels_BS = inputs_BS.to(self.state.device), labels_BS.to(self.state.device)
         if self.offloader is not None:
-            self.offloader.expect(self._backward_order())
+            self.offloader.expect(self._backward_order(), self.offload_keys)
         if self.schedule is None:
             loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
         else:

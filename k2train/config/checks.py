@@ -115,6 +115,7 @@ def validate(cfg: JobConfig, source: str) -> None:
     _check_parallel(cfg, source)
     _check_optimizer(cfg, source)
     _check_positions(cfg, source)
+    _check_offload_budget(cfg, source)
     # With dp null the world size decides dp at launch (`validate_world`); every dp >= 1 needs
     # the batch to split over the EP ranks at least, so that much is checked now.
     if cfg.parallel.dp is None:
@@ -200,6 +201,18 @@ def _check_parallel(cfg: JobConfig, source: str) -> None:
                 f"{source}: parallel.stage_layers {counts} must give each of the parallel.pp {p.pp} x "
                 f"parallel.vp {p.vp} = {p.pp * p.vp} stages at least one layer (the last may hold only the head) "
                 f"and add up to model.num_layers {m.num_layers}.")
+
+
+def _check_offload_budget(cfg: JobConfig, source: str) -> None:
+    budget = cfg.memory.activation_offload_budget_gib
+    if budget is None:
+        return
+    if not cfg.memory.activation_offload:
+        raise ConfigError(f"{source}: memory.activation_offload_budget_gib ({budget!r}) needs "
+                          f"memory.activation_offload true; set it or remove the budget.")
+    if budget < 0:
+        raise ConfigError(f"{source}: memory.activation_offload_budget_gib must be at least 0 GiB or null, "
+                          f"got {budget!r}.")
 
 
 def _check_optimizer(cfg: JobConfig, source: str) -> None:
