@@ -194,6 +194,8 @@ def _step_lines(plan: Plan) -> list[str]:
         f"+ reduce, gather and update {update:,.1f} s",
         f"  MFU {plan.mfu:.1%} of {plan.hardware.peak_tflops:g} TFLOP/s ({plan.model_flops / 1e15:,.0f} PFLOP of model "
         f"FLOPs per step); {plan.tokens_per_s_per_gpu:,.0f} tokens/s per GPU",
+        f"  as built (EP all-to-all not overlapped by the runtime yet): step {plan.step_built_s:,.1f} s, "
+        f"MFU {plan.mfu_built:.1%}",
     ]
 
 
