@@ -253,7 +253,7 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
     sends = sum(m * p * T * D for s in stages if s < layout.num_stages - 1)
     sends += sum(m * p * T * D for s in stages if s > 0)
     offloaded = sum(m * saved[s].floating for s in stages) if cfg.memory.activation_offload else 0
-    if cfg.memory.activation_offload_budget_gib is not None:
+    if cfg.memory.activation_offload and cfg.memory.activation_offload_budget_gib is not None:
         offloaded = offload_host_bytes(budgeted_offload(cfg, layout, split, pp), {s: saved[s].floating for s in stages})
     spans = _spans_nodes(layout)
     items = [

@@ -74,7 +74,8 @@ class ParallelRunner:
         self.saved = (SavedActivations(parts, self.offloader)
                       if self.offloader is not None or measure_activations else None)
         self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp)
-                             if cfg.memory.activation_offload_budget_gib is not None else None)
+                             if self.offloader is not None and cfg.memory.activation_offload_budget_gib is not None
+                             else None)
         self.schedule = None
         if layout.pp > 1:
             # The executed order of stage forwards and backwards, kept only when asked for (tests).

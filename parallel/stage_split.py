@@ -46,10 +46,16 @@ def describe_split(split: list[range], pp: int) -> str:
     """One line per pipeline rank: its virtual stages and their layers."""
     lines = []
     for rank in range(pp):
-        stages = [f"stage {s}: " + (f"layers {r.start}-{r.stop - 1}" if len(r) else "no layers")
+        stages = [f"stage {s}: " + _layers_text(r)
                   + (" + head" if s == len(split) - 1 else "") for s, r in enumerate(split) if s % pp == rank]
         lines.append(f"  pp rank {rank}: " + "; ".join(stages))
     return "\n".join(lines)
+
+
+def _layers_text(layers: range) -> str:
+    if not layers:
+        return "no layers"
+    return f"layer {layers.start}" if len(layers) == 1 else f"layers {layers.start}-{layers.stop - 1}"
 
 
 class SplitError(ValueError):

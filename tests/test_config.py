@@ -315,3 +315,9 @@ def test_stage_layers_must_cover_every_stage_and_layer(layers):
         load_config(TINY, overrides)
     load_config(TINY, overrides[:-1] + ["parallel.stage_layers=[1,1,1,1]"])
     load_config(TINY, overrides[:-1] + ["parallel.stage_layers=[2,1,1,0]"])
+
+
+def test_a_negative_offload_budget_is_refused():
+    with pytest.raises(ConfigError, match=r"memory.activation_offload_budget_gib must be at least 0 GiB or null, got -1.0"):
+        load_config(TINY, ["memory.activation_offload=true", "memory.activation_offload_budget_gib=-1.0"])
+    assert load_config(TINY, ["memory.activation_offload_budget_gib=2.5"]).memory.activation_offload_budget_gib == 2.5

@@ -205,12 +205,8 @@ def _check_parallel(cfg: JobConfig, source: str) -> None:
 
 def _check_offload_budget(cfg: JobConfig, source: str) -> None:
     budget = cfg.memory.activation_offload_budget_gib
-    if budget is None:
-        return
-    if not cfg.memory.activation_offload:
-        raise ConfigError(f"{source}: memory.activation_offload_budget_gib ({budget!r}) needs "
-                          f"memory.activation_offload true; set it or remove the budget.")
-    if budget < 0:
+    # Without memory.activation_offload the budget has nothing to bound (everything stays).
+    if budget is not None and budget < 0:
         raise ConfigError(f"{source}: memory.activation_offload_budget_gib must be at least 0 GiB or null, "
                           f"got {budget!r}.")
 
