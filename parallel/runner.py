@@ -26,7 +26,9 @@ from parallel.checkpoint import CheckpointError, router_bias_key
 from parallel.checkpoint_resume import resume_point
 from parallel.signals import stop_on_signal
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
+from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.plan import budgeted_offload
+from parallel.stage_split import choose_split
 from parallel.state import ParallelState
 from parallel.zero1 import ShardedMuonClip
 
@@ -56,7 +58,7 @@ class ParallelRunner:
                  measure_activations: bool = False):
         self.cfg, self.state, self.sampler = cfg, state, sampler
         layout, coords = state.layout, state.coords
-        self.split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+        self.split = choose_split(cfg, layout.num_stages, layout.pp)
         self.stage_indices = layout.stage_indices(coords.pp)
         parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
         dtype = getattr(torch, cfg.train.param_dtype)
@@ -73,6 +75,9 @@ class ParallelRunner:
         self.offloader = ActivationOffloader(state.device) if cfg.memory.activation_offload else None
         self.saved = (SavedActivations(parts, self.offloader)
                       if self.offloader is not None or measure_activations else None)
+        self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp)
+                             if self.offloader is not None and cfg.memory.activation_offload_budget_gib is not None
+                             else None)
         self.schedule = None
         if layout.pp > 1:
             # The executed order of stage forwards and backwards, kept only when asked for (tests).
@@ -105,7 +110,7 @@ class ParallelRunner:
         )
         inputs_BS, labels_BS = inputs_BS.to(self.state.device), labels_BS.to(self.state.device)
         if self.offloader is not None:
-            self.offloader.expect(self._backward_order())
+            self.offloader.expect(self._backward_order(), self.offload_keys)
         if self.schedule is None:
             loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
         else:

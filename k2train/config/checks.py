@@ -121,6 +121,7 @@ def validate(cfg: JobConfig, source: str) -> None:
     _check_optimizer(cfg, source)
     _check_positions(cfg, source)
     _check_data(cfg, source)
+    _check_offload_budget(cfg, source)
     # With dp null the world size decides dp at launch (`validate_world`); every dp >= 1 needs
     # the batch to split over the EP ranks at least, so that much is checked now.
     if cfg.parallel.dp is None:
@@ -193,17 +194,27 @@ def _check_parallel(cfg: JobConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: model.num_experts ({m.num_experts}) must split evenly over parallel.ep "
             f"({p.ep}) so every EP rank holds the same experts; the nearest ep that fits is {nearest}.")
-    if m.num_layers < p.pp * p.vp:
+    # The last stage may hold only the head and the loss (parallel/stage_split.py).
+    if m.num_layers < p.pp * p.vp - 1:
         raise ConfigError(
             f"{source}: model.num_layers ({m.num_layers}) cannot fill parallel.pp {p.pp} x "
-            f"parallel.vp {p.vp} = {p.pp * p.vp} pipeline stages; each stage needs a layer.")
+            f"parallel.vp {p.vp} = {p.pp * p.vp} pipeline stages; each stage but the last needs a layer.")
     if p.stage_layers is not None:
         counts = list(p.stage_layers)
-        if len(counts) != p.pp * p.vp or min(counts) < 1 or sum(counts) != m.num_layers:
+        if (len(counts) != p.pp * p.vp or min(counts) < 0 or min(counts[:-1], default=1) < 1
+                or sum(counts) != m.num_layers):
             raise ConfigError(
                 f"{source}: parallel.stage_layers {counts} must give each of the parallel.pp {p.pp} x "
-                f"parallel.vp {p.vp} = {p.pp * p.vp} stages at least one layer and add up to "
-                f"model.num_layers {m.num_layers}.")
+                f"parallel.vp {p.vp} = {p.pp * p.vp} stages at least one layer (the last may hold only the head) "
+                f"and add up to model.num_layers {m.num_layers}.")
+
+
+def _check_offload_budget(cfg: JobConfig, source: str) -> None:
+    budget = cfg.memory.activation_offload_budget_gib
+    # Without memory.activation_offload the budget has nothing to bound (everything stays).
+    if budget is not None and budget < 0:
+        raise ConfigError(f"{source}: memory.activation_offload_budget_gib must be at least 0 GiB or null, "
+                          f"got {budget!r}.")
 
 
 def _check_optimizer(cfg: JobConfig, source: str) -> None:
