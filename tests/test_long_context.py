@@ -47,7 +47,8 @@ def test_resume_into_a_longer_sequence_with_yarn(tmp_path):
     short = _run(tmp_path, data, "short", 2, "data.seq_len=64", "train.micro_batch_size=2")
     before = _sampler(tmp_path, 2)
     assert before["seq_len"] == 64 and before["offset"] == 2 * 512 // 64
-    resumed = _run(tmp_path, data, "long", 4, *LONG)
+    # The stage change is deliberate: the data and batch settings differ from the checkpoint's run.
+    resumed = _run(tmp_path, data, "long", 4, *LONG, "checkpoint.resume=changed")
     assert [r["step"] for r in resumed] == [3, 4]
     assert all(0 < r["loss"] < 2 * short[0]["loss"] for r in resumed)  # finite, and not blown up
     after = _sampler(tmp_path, 4)
