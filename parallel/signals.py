@@ -4,18 +4,21 @@ Slurm sends SIGTERM before the time limit (and on scancel), torchrun forwards it
 presses Ctrl-C. The handler only records the signal; at the end of each step the ranks agree on
 it with one MAX all-reduce, so every rank finishes the same step and stops together (a rank
 signalled alone cannot leave the others waiting in a collective). A second signal interrupts at
-once.
+once; copies that arrive within REPEAT_WINDOW_S of the first are the same request (Slurm signals
+every process of the step and torchrun forwards what it receives, so a worker gets two at once).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+REPEAT_WINDOW_S = 5.0
 
 
 class JobStopped(RuntimeError):
@@ -29,9 +32,9 @@ class JobStopped(RuntimeError):
 class StopSignals:
     """Records SIGTERM / SIGINT from `install` to `restore` (main thread only)."""
 
-    def __init__(self, device: torch.device, distributed: bool):
-        self.device, self.distributed = device, distributed
-        self.received = 0
+    def __init__(self, device: torch.device, distributed: bool, clock=time.monotonic):
+        self.device, self.distributed, self.clock = device, distributed, clock
+        self.received, self.received_at = 0, 0.0
         self.previous: dict[int, object] = {}
 
     def install(self) -> StopSignals:
@@ -46,9 +49,11 @@ class StopSignals:
         self.previous = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received:
+        now = self.clock()
+        if not self.received:
+            self.received, self.received_at = signum, now
+        elif now - self.received_at >= REPEAT_WINDOW_S:
             raise KeyboardInterrupt(f"second {_NAMES[signum]}: stopping at once")
-        self.received = signum
 
     def agreed(self) -> int:
         """The signal any rank received (0: none), the same on every rank."""

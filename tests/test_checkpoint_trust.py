@@ -324,3 +324,20 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_bit_
     assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_forwarded_copy_of_the_signal_is_one_request_and_a_later_one_interrupts():
+    """Slurm signals every process and torchrun forwards the signal: a worker gets two at once."""
+    import signal
+
+    from parallel.signals import REPEAT_WINDOW_S, StopSignals
+
+    now = [100.0]
+    stops = StopSignals(torch.device("cpu"), distributed=False, clock=lambda: now[0])
+    stops._handle(signal.SIGTERM, None)
+    now[0] += 0.2
+    stops._handle(signal.SIGTERM, None)  # the launcher's copy: still one clean stop
+    assert stops.agreed() == signal.SIGTERM
+    now[0] += REPEAT_WINDOW_S
+    with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
+        stops._handle(signal.SIGTERM, None)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kill_resume import STEPS, command, final_tensors, workers_of
+from kill_resume import STEPS, command, final_tensors, start_until_checkpoint, workers_of
 
 FIRST = 4  # SIGTERM once the step-FIRST checkpoint exists
 
@@ -27,19 +27,18 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as root:
         tmp = Path(root)
-        subprocess.run(command(tmp, "whole", 0), check=True, env=env, capture_output=True)
-        job = subprocess.Popen(command(tmp, "signalled", 0), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-        target = tmp / "signalled" / "ckpt" / f"step_{FIRST:08d}"
-        deadline = time.time() + 300
-        while not target.exists() and job.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        if job.poll() is not None or not target.exists():
-            print(job.stdout.read())
-            print(f"FAIL: the job ended or stalled before its step-{FIRST} checkpoint; no signal was sent")
+        job = start_until_checkpoint(tmp, "signalled", 0, FIRST)
+        if job is None:
             return 1
-        for pid in [job.pid, *workers_of(job.pid)]:  # Slurm signals every process of the step
+        workers = workers_of(job.pid)
+        for pid in [job.pid, *workers]:  # Slurm signals every process of the step ...
             os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        for pid in workers:  # ... and torchrun forwards it: each worker gets a second copy, later
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         output, _ = job.communicate(timeout=300)
         stops = sorted({line.split("k2train: ", 1)[1] for line in output.splitlines() if "stopped by SIGTERM" in line})
         if len(stops) != 1 or "worker" in " ".join(stops) or "Traceback" in output.split("stopped by SIGTERM")[0]:
