@@ -130,6 +130,7 @@ def import_hf(cfg: JobConfig, directory: Path, out: Path) -> Path:
         raise CheckpointError(f"{directory} does not fit the config: {'missing' if missing else 'unexpected'} {first}.")
     model.to(getattr(torch, cfg.train.param_dtype))
     checkpointer = Checkpointer(cfg, out, rank=0, distributed=False)
+    checkpointer.lineage = {}  # imported weights: the first run that trains them starts the lineage
     checkpointer.save(0, model_views(model, cfg.optimizer.adamw_block_elements), sampler={},
                       layout={"world_size": 1, "source": str(directory)})
     checkpointer.wait()
@@ -143,6 +144,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     source = convert.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-checkpoint", type=Path, metavar="DIR", help="a checkpoint directory or root")
     source.add_argument("--from-hf", type=Path, metavar="DIR", help="a HF DeepseekV3 safetensors directory")
+    convert.add_argument("--trust-checkpoint", action="store_true",
+                         help="read a checkpoint without dcp_metadata.json through its pickled .metadata (runs code)")
     convert.add_argument("--out", required=True, type=Path, metavar="DIR",
                          help="HF directory (from a checkpoint) or checkpoint root (from HF)")
     convert.set_defaults(func=run_convert)
@@ -150,7 +153,10 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, *(["checkpoint.trust_pickle_metadata=true"] if args.trust_checkpoint else [])])
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise CheckpointError(f"--out {args.out} is not an empty directory; convert writes only into a new or "
+                              "empty one, so no checkpoint or export is overwritten or mixed with another.")
     if args.from_checkpoint is not None:
         files = export_hf(load_whole_model(cfg, args.from_checkpoint), args.out)
         print(f"wrote {len(files)} safetensors file(s), {INDEX} and config.json to {args.out}")

@@ -6,56 +6,60 @@ The paired order. Micro-batch m's forward runs beside micro-batch m-1's backward
 drains. `paired_order` is that order as a pure table; its test checks it is a valid schedule
 (every backward after its forward, forwards and backwards each in micro-batch order).
 
-How a pair runs. The backward (autograd) runs in a worker thread while the forward runs in the
-calling thread; torch's kernels, autograd's engine and gloo's waits release the GIL, so while one
-thread waits on its all-to-all the other computes. Collectives of one process group must be issued
-in the same order on every rank, and two threads interleave arbitrarily, so the backward's
-exchanges go over a second EP group of the same ranks (`backward_expert_group`): each group then
-sees only forwards, or only backwards, each in micro-batch and layer order on every rank. Chosen
-over async collectives with a hand-written phase interleave because it keeps the model code as it
-is (the exchange stays one differentiable call) and on NCCL each group has its own stream.
+How a pair runs: two tasks taking turns (`Turns`). The forward runs in the calling thread and the
+backward (autograd) in a worker thread, but only the task holding the turn runs; the other waits.
+Each exchange is issued as an async collective (`async_op=True`; on NCCL it runs on the
+communicator's own stream), then the turn goes to the other task, and the exchange is waited on
+only when the turn comes back, where its result is needed. So one task's all-to-all is on the wire
+while the other computes, and nothing runs concurrently on the host: no two threads compete for
+the GIL or the cores, and the order of every operation is the same on every rank and every run.
+Free-running threads were measured slower than no overlap on gloo; taking turns is what the
+DualPipe-style schedules do by hand, here without splitting the model's code into phases.
 
-What it leaves unchanged. Only the backward thread touches gradients, and backwards still run one
-after the other in micro-batch order, so gradient accumulation (parallel/zero1.py's hooks) adds in
-the same order: results are bit-identical to the plain order. Losses, max logits and expert loads
-are collected per micro-batch and summed in micro-batch order after the step. Saved-tensor hooks
-are thread-local: they are installed by the forward in the thread that runs it, and unpacking
-goes with the saved tensor, so activation accounting holds.
+Collectives of one process group must be issued in the same order on every rank. Turn-taking
+makes the interleaving deterministic, and the backward's exchanges still go over a second EP group
+of the same ranks (`backward_expert_group`), so each group sees only forwards or only backwards.
 
-Not built yet: the pipeline pairing (pp > 1, where torch's `OVERLAP_F_B` actions would carry it)
-and overlap with activation offload; both are refused with a clear error.
+What it leaves unchanged. Only the backward task touches gradients, and backwards still run one
+after the other in micro-batch order, so gradient accumulation adds in the same order: results are
+bit-identical to the plain order. Losses, max logits and expert loads are collected per micro-batch
+and summed in micro-batch order after the step.
+
+With pp > 1 the pairs run inside the interleaved 1F1B schedule (parallel/pipeline_overlap.py).
+Not built yet: pairing the zero-bubble schedule (its split backward) and overlap with activation
+offload; both are refused with a clear error.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from parallel.schedule_table import Op
+import torch
+import torch.distributed as dist
+
+from parallel.schedule_table import paired_order
 from parallel.state import ParallelState, _my_group
 
 
-def paired_order(microbatches: int) -> list[tuple[Op, ...]]:
-    """The steps of the pp = 1 overlapped order: F0, then (F m+1 | B m), then B M-1."""
-    if microbatches < 1:
-        raise ValueError(f"the paired order needs at least one micro-batch, got {microbatches}.")
-    steps: list[tuple[Op, ...]] = [(Op("F", 0, 0),)]
-    steps += [(Op("F", 0, m + 1), Op("B", 0, m)) for m in range(microbatches - 1)]
-    steps.append((Op("B", 0, microbatches - 1),))
-    return steps
+def overlap_runs(overlap: str, pp: int, ep: int, schedule: str) -> bool:
+    """Whether the runtime overlaps the EP all-to-all for this layout (what the plan counts as built)."""
+    return overlap != "none" and ep > 1 and (pp == 1 or schedule == "interleaved_1f1b")
 
 
-def check_overlap(overlap: str, pp: int, ep: int, activation_offload: bool) -> None:
+def check_overlap(overlap: str, pp: int, ep: int, schedule: str, activation_offload: bool) -> None:
     """Refuse, in one sentence, a layout the overlapped schedule cannot run yet."""
     if overlap == "none":
         return
     if ep < 2:
         raise ValueError(f"parallel.overlap={overlap} hides the expert all-to-all, but parallel.ep is {ep}: "
                          "there is none to hide; set parallel.overlap=none.")
-    if pp > 1:
-        raise NotImplementedError(f"parallel.overlap={overlap} runs with parallel.pp=1 only so far (got pp={pp}): "
-                                  "the pairing inside the interleaved pipeline schedule is not built yet.")
+    if pp > 1 and schedule != "interleaved_1f1b":
+        raise NotImplementedError(f"parallel.overlap={overlap} runs with parallel.schedule=interleaved_1f1b only so "
+                                  f"far (got {schedule}): pairing the zero-bubble schedule's split backward is not "
+                                  "built yet.")
     if activation_offload:
         raise NotImplementedError(f"parallel.overlap={overlap} with memory.activation_offload=true is not "
                                   "supported yet: the offloader's prefetch assumes one pass at a time.")
@@ -66,26 +70,83 @@ def backward_expert_group(state: ParallelState) -> Any:
     return _my_group(state.layout, "expert", state.rank)
 
 
+class Turns:
+    """Two tasks of one rank taking turns: exactly one runs; `hand_over` gives the turn to the other
+    and waits until it comes back. Outside a pair, or once the other task has ended, it returns at once."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._holder: int | None = None
+        self._live = [False, False]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
+
+    def hand_over(self) -> None:
+        with self._cond:
+            me = self._holder
+            if me is None or not self._live[1 - me]:
+                return
+            self._holder = 1 - me
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._holder == me)
+
+    def run_pair(self, first: Callable[[], Any], second: Callable[[], None]) -> Any:
+        """Run `first` in this thread and `second` in the worker, taking turns; `first` starts.
+        Returns `first`'s result; an error in either is raised here after both have ended."""
+        with self._cond:
+            self._holder, self._live = 0, [True, True]
+        job = self._pool.submit(self._task, 1, second)
+        try:
+            return self._task(0, first)
+        finally:
+            job.result()
+            with self._cond:
+                self._holder = None
+
+    def _task(self, me: int, fn: Callable[[], Any]) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: self._holder == me)
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._live[me] = False
+                self._holder = 1 - me if self._live[1 - me] else me
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
+               group: Any, turns: Turns | None) -> None:
+    """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's turn."""
+    if turns is None:
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+        return
+    work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+    turns.hand_over()
+    work.wait()
+
+
 def run_micro_batches(forward: Callable[[int], Any], backward: Callable[[Any], None], microbatches: int,
-                      paired: bool) -> list[Any]:
+                      turns: Turns | None) -> list[Any]:
     """Run `forward(m)` and `backward(result of forward m)` for every micro-batch, one after the
-    other, or in the paired order with each backward in a worker thread beside the next forward.
+    other, or (with `turns`) in the paired order, each backward taking turns with the next forward.
     Returns the forwards' results in micro-batch order."""
     results: list[Any] = []
-    if not paired:
+    if turns is None:
         for m in range(microbatches):
             results.append(forward(m))
             backward(results[m])
         return results
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward") as pool:
-        for step in paired_order(microbatches):
-            forwards = [op.microbatch for op in step if op.kind == "F"]
-            backwards = [op.microbatch for op in step if op.kind == "B"]
-            job = pool.submit(backward, results[backwards[0]]) if backwards else None
-            try:
-                if forwards:
-                    results.append(forward(forwards[0]))
-            finally:
-                if job is not None:
-                    job.result()
+    for step in paired_order(1, 1, microbatches, 0):
+        forwards = [op.microbatch for op in step if op.kind == "F"]
+        backwards = [op.microbatch for op in step if op.kind == "B"]
+        if forwards and backwards:
+            previous = results[backwards[0]]
+            results.append(turns.run_pair(lambda m=forwards[0]: forward(m), lambda r=previous: backward(r)))
+        elif forwards:
+            results.append(forward(forwards[0]))
+        else:
+            backward(results[backwards[0]])
     return results

@@ -19,7 +19,10 @@ from torch.distributed.pipelining.schedules import _Action, _ComputationType
 from k2train.config.schema import ModelConfig
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
+from parallel.overlap import Turns
+from parallel.pipeline_overlap import overlap_forward_backward, paired_actions
 from parallel.schedule_table import timeline
+from parallel.stage_split import describe_split, split_layers  # noqa: F401  (re-exported for callers)
 from parallel.stage_buffers import LeanReceiveStage, ReceiveBufferLog
 
 
@@ -34,38 +37,15 @@ class TheoryInterleaved1F1B(ScheduleInterleaved1F1B):
         return [None if op is None else _Action(op.stage, kinds[op.kind], op.microbatch) for op in line]
 
 
+class PairedInterleaved1F1B(TheoryInterleaved1F1B):
+    """The interleaved 1F1B with communication overlap (parallel.overlap=ep): one more warm-up
+    forward, then forward/backward pairs as OVERLAP_F_B actions (parallel/pipeline_overlap.py)."""
+
+    def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
+        return paired_actions(self.pp_group_size, self.n_local_stages, self._n_microbatches, rank)
+
+
 SCHEDULES = {"interleaved_1f1b": TheoryInterleaved1F1B, "interleaved_zero_bubble": ScheduleInterleavedZeroBubble}
-
-
-def split_layers(num_layers: int, num_stages: int, layers_per_stage: Sequence[int] | None = None) -> list[range]:
-    """The layers of each virtual stage, in stage order.
-
-    Explicit `layers_per_stage` is used as given. Otherwise the split is as even as possible, and
-    the stages that get one layer fewer are the first and the last, which also carry the embedding
-    and the head.
-    """
-    if layers_per_stage is not None:
-        counts = list(layers_per_stage)
-    else:
-        base, extra = divmod(num_layers, num_stages)
-        counts = [base] * num_stages
-        # Extra layers go to the middle stages first, from the centre out.
-        preference = sorted(range(num_stages), key=lambda s: (s in (0, num_stages - 1), abs(2 * s - num_stages + 1)))
-        for s in preference[:extra]:
-            counts[s] += 1
-    bounds = [0]
-    for count in counts:
-        bounds.append(bounds[-1] + count)
-    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
-
-
-def describe_split(split: list[range], pp: int) -> str:
-    """One line per pipeline rank: its virtual stages and their layers."""
-    lines = []
-    for rank in range(pp):
-        stages = [f"stage {s}: layers {r.start}-{r.stop - 1}" for s, r in enumerate(split) if s % pp == rank]
-        lines.append(f"  pp rank {rank}: " + "; ".join(stages))
-    return "\n".join(lines)
 
 
 class _TraceBackward(torch.autograd.Function):
@@ -148,6 +128,7 @@ def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
 def build_schedule(
     stage_modules: list[StageModule], stage_indices: Sequence[int], num_stages: int, n_microbatches: int,
     schedule: str, group, device: torch.device, micro_batch_shape: tuple[int, int], loss_fn: Callable = lm_loss,
+    turns: Turns | None = None,
 ):
     """PipelineStages over `group` and the interleaved schedule that runs them.
 
@@ -156,6 +137,8 @@ def build_schedule(
     and output shapes are given up front: shape inference would run an extra forward on real data.
     The stages allocate a receive buffer only while its micro-batch needs it
     (parallel/stage_buffers.py); one log, `stage.log`, counts those of all of this rank's stages.
+    With `turns` (parallel.overlap), the interleaved 1F1B runs its steady state as forward/backward
+    pairs (parallel/pipeline_overlap.py).
     """
     log = ReceiveBufferLog()
     stages = [
@@ -163,7 +146,11 @@ def build_schedule(
                          **_stage_io(module, s, num_stages, micro_batch_shape))
         for module, s in zip(stage_modules, stage_indices, strict=True)
     ]
-    return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    if turns is None:
+        return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    paired = PairedInterleaved1F1B(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    paired.register_custom_function(_ComputationType.OVERLAP_F_B, overlap_forward_backward(turns))
+    return paired
 
 
 def _stage_io(module: StageModule, stage: int, num_stages: int, micro_batch_shape: tuple[int, int]) -> dict:

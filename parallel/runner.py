@@ -22,10 +22,14 @@ from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
-from parallel.checkpoint import latest_checkpoint, router_bias_key
+from parallel.checkpoint import CheckpointError, router_bias_key
+from parallel.checkpoint_resume import resume_point
+from parallel.signals import stop_on_signal
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.overlap import backward_expert_group, check_overlap, run_micro_batches
-from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
+from parallel.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
+from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.plan import budgeted_offload
+from parallel.stage_split import choose_split
 from parallel.state import ParallelState
 from parallel.zero1 import ShardedMuonClip
 
@@ -55,19 +59,19 @@ class ParallelRunner:
                  measure_activations: bool = False):
         self.cfg, self.state, self.sampler = cfg, state, sampler
         layout, coords = state.layout, state.coords
-        self.split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+        self.split = choose_split(cfg, layout.num_stages, layout.pp)
         self.stage_indices = layout.stage_indices(coords.pp)
         parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
         dtype = getattr(torch, cfg.train.param_dtype)
-        # parallel.overlap (K2 §2.4): backwards beside forwards, their exchanges on a group of their own.
-        self.overlap = cfg.parallel.overlap != "none"
-        check_overlap(cfg.parallel.overlap, layout.pp, layout.ep, cfg.memory.activation_offload)
-        backward_group = backward_expert_group(state) if self.overlap else None
+        # parallel.overlap (K2 §2.4): backwards take turns with forwards, their exchanges on a group of their own.
+        check_overlap(cfg.parallel.overlap, layout.pp, layout.ep, cfg.parallel.schedule, cfg.memory.activation_offload)
+        self.turns = Turns() if cfg.parallel.overlap != "none" else None
+        backward_group = backward_expert_group(state) if self.turns is not None else None
         for part in parts:
             part.to(device=state.device, dtype=dtype)
             part.use_fp8_activation_storage(cfg.memory.fp8_activations)
             part.use_selective_recompute(cfg.memory.selective_recompute)
-            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group)
+            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group, self.turns)
         self.model = RankModel(parts)
         self.micro_batches = micro_batches_per_step(cfg, layout.dp)
         self.tokens_per_step = cfg.train.global_batch_tokens
@@ -76,6 +80,9 @@ class ParallelRunner:
         self.offloader = ActivationOffloader(state.device) if cfg.memory.activation_offload else None
         self.saved = (SavedActivations(parts, self.offloader)
                       if self.offloader is not None or measure_activations else None)
+        self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp)
+                             if self.offloader is not None and cfg.memory.activation_offload_budget_gib is not None
+                             else None)
         self.schedule = None
         if layout.pp > 1:
             # The executed order of stage forwards and backwards, kept only when asked for (tests).
@@ -84,11 +91,12 @@ class ParallelRunner:
             self.schedule = build_schedule(
                 self.stage_modules, self.stage_indices, layout.num_stages, self.micro_batches,
                 cfg.parallel.schedule, state.pipeline_group, state.device,
-                micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len),
+                micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len), turns=self.turns,
             )
         m = cfg.model
         self.start_step = 0
         self.checkpointer = None
+        self.stop_signals = None
         self.optimizer = ShardedMuonClip(
             [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
             state.dense_group, state.expert_grad_group, cfg.optimizer,
@@ -107,7 +115,7 @@ class ParallelRunner:
         )
         inputs_BS, labels_BS = inputs_BS.to(self.state.device), labels_BS.to(self.state.device)
         if self.offloader is not None:
-            self.offloader.expect(self._backward_order())
+            self.offloader.expect(self._backward_order(), self.offload_keys)
         if self.schedule is None:
             loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
         else:
@@ -134,7 +142,7 @@ class ParallelRunner:
             # Only the statistics are kept, not the outputs: memory stays as without the table.
             return lm_loss(output, y_BS), out.max_logits_LH, out.expert_counts_ME
 
-        results = run_micro_batches(forward, lambda result: result[0].backward(), self.micro_batches, self.overlap)
+        results = run_micro_batches(forward, lambda result: result[0].backward(), self.micro_batches, self.turns)
         loss_sum = torch.zeros((), device=self.state.device)
         max_logits, counts = None, None
         for loss, max_logits_LH, counts_ME in results:
@@ -161,9 +169,9 @@ class ParallelRunner:
         if self.schedule is None:
             return [(0, m) for m in range(self.micro_batches)]
         starts = (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_INPUT)
-        actions = self.schedule.pipeline_order[self.state.coords.pp]
-        return [(a.stage_index, a.microbatch_index) for a in actions
-                if a is not None and a.computation_type in starts]
+        actions = [sub for a in self.schedule.pipeline_order[self.state.coords.pp] if a is not None
+                   for sub in a.sub_actions or (a,)]
+        return [(a.stage_index, a.microbatch_index) for a in actions if a.computation_type in starts]
 
     @torch.no_grad()
     def _global_stats(self, loss_sum, local_max_logits_LH, local_counts_ME) -> StepResult:
@@ -211,12 +219,18 @@ class ParallelRunner:
             tensors[router_bias_key(layer)] = bias
         return tensors
 
-    def attach_checkpointer(self, checkpointer, layout_header: dict) -> None:
-        """Resume from the latest checkpoint under the checkpointer's root, if any, and save from now on."""
-        self.checkpointer, self.layout_header = checkpointer, layout_header
-        path = latest_checkpoint(checkpointer.root)
+    def attach_checkpointer(self, checkpointer, layout_header: dict, stop_signals=None) -> None:
+        """Resume from the latest checkpoint under the checkpointer's root, if any, and save from now
+        on; with `stop_signals` (parallel/signals.py), stop cleanly on SIGTERM / SIGINT."""
+        self.checkpointer, self.layout_header, self.stop_signals = checkpointer, layout_header, stop_signals
+        path = resume_point(checkpointer)
         if path is None:
             return
+        step = checkpointer.verify(path)["step"]
+        if self.cfg.train.steps <= step:
+            raise CheckpointError(f"{path} is already at step {step}, and train.steps is {self.cfg.train.steps}; "
+                                  "raise train.steps to train on, or use another checkpoint.dir to start over.")
+        checkpointer.resume_lineage(path)
         restored, with_optimizer = checkpointer.load(path, self.checkpoint_tensors())
         self.optimizer.restore(restored.step if with_optimizer else 0, with_optimizer)
         if restored.sampler:
@@ -233,12 +247,16 @@ class ParallelRunner:
 
     def end_of_step(self, step: int, last: bool) -> None:
         every = self.cfg.checkpoint.every_steps
-        if self.checkpointer is None or not every:
-            return
-        if step % every == 0 or last:
-            self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
-        if last:
-            self.checkpointer.wait()
+        saved = False
+        if self.checkpointer is not None and every:
+            self.checkpointer.poll()  # an asynchronous save is published as soon as it is complete
+            if step % every == 0 or last:
+                self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
+                saved = True
+            if last:
+                self.checkpointer.wait()
+        if self.stop_signals is not None:
+            stop_on_signal(self, step, saved)
 
     def owned_gradients(self) -> dict[str, torch.Tensor]:
         """The reduced gradients this rank owns, by item key (valid between forward_backward and the step)."""

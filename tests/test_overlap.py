@@ -9,38 +9,87 @@ import pytest
 import torch
 
 from multiproc import run_world
-from parallel.overlap import check_overlap, paired_order
-from parallel.schedule_table import Op
+from parallel.overlap import Turns, check_overlap, overlap_runs
+from parallel.schedule_table import Op, paired_order, paired_timeline, rank_order
 from test_parallel_training import BASE, data, layout_overrides  # noqa: F401 (data is a fixture)
 
 
-@pytest.mark.parametrize("microbatches", [1, 2, 5])
-def test_paired_order_is_a_valid_schedule(microbatches):
-    steps = paired_order(microbatches)
-    done: set[Op] = set()
-    for step in steps:
-        kinds = [op.kind for op in step]
-        assert len(step) in (1, 2) and len(set(kinds)) == len(kinds)  # at most one F and one B per pair
-        for op in step:
-            if op.kind == "B":  # its forward finished in an earlier step, not beside it
-                assert Op("F", 0, op.microbatch) in done
-        done.update(step)
-    forwards = [op.microbatch for step in steps for op in step if op.kind == "F"]
-    backwards = [op.microbatch for step in steps for op in step if op.kind == "B"]
-    assert forwards == backwards == list(range(microbatches))
-    # The steady state pairs forward m+1 with backward m: all but the first and last steps are pairs.
-    assert sum(len(step) == 2 for step in steps) == microbatches - 1
+@pytest.mark.parametrize("pp,vp,microbatches", [(1, 1, 1), (1, 1, 5), (2, 1, 4), (2, 2, 4), (4, 2, 8), (16, 2, 32)])
+def test_paired_order_is_a_valid_schedule(pp, vp, microbatches):
+    lines = paired_timeline(pp, vp, microbatches)  # raises if the ranks' pairs wait on each other for ever
+    for rank in range(pp):
+        steps = paired_order(pp, vp, microbatches, rank)
+        assert all(len(step) in (1, 2) for step in steps)
+        assert all([op.kind for op in step] == ["F", "B"] for step in steps if len(step) == 2)
+        # Every forward and backward once, each kind in the order of the plain interleaved 1F1B.
+        flat = [op for step in steps for op in step]
+        plain = rank_order(pp, vp, microbatches, rank)
+        assert sorted(flat) == sorted(plain)
+        for kind in "FB":
+            assert [op for op in flat if op.kind == kind] == [op for op in plain if op.kind == kind]
+        assert [step for step in lines[rank] if step is not None] == steps
+    # The steady state is pairs: with pp = 1, all but the first forward and the last backward.
+    if pp == 1:
+        assert sum(len(step) == 2 for step in paired_order(1, 1, microbatches, 0)) == microbatches - 1
+
+
+def test_turns_alternate_at_every_hand_over_and_run_one_task_at_a_time():
+    turns, log, running = Turns(), [], []
+
+    def task(name: str, steps: int):
+        def run():
+            for i in range(steps):
+                running.append(name)
+                assert running == [name]  # the other task is waiting, never running beside this one
+                log.append(f"{name}{i}")
+                running.pop()
+                turns.hand_over()
+            return name
+        return run
+
+    assert turns.run_pair(task("F", 3), task("B", 5)) == "F"
+    # Strict alternation while both live; the longer task then runs on alone.
+    assert log == ["F0", "B0", "F1", "B1", "F2", "B2", "B3", "B4"]
+    turns.hand_over()  # outside a pair: returns at once
+    turns.close()
+
+
+def test_an_error_in_either_task_is_raised_after_both_end():
+    turns, ended = Turns(), []
+
+    def failing():
+        turns.hand_over()
+        raise RuntimeError("backward failed")
+
+    def other():
+        for _ in range(3):
+            turns.hand_over()
+        ended.append(True)
+
+    with pytest.raises(RuntimeError, match="backward failed"):
+        turns.run_pair(other, failing)
+    assert ended == [True]
+    turns.close()
+
+
+def test_the_plan_counts_the_overlap_only_where_the_runtime_runs_it():
+    assert overlap_runs("ep", 1, 4, "interleaved_zero_bubble")  # pp = 1 has no pipeline schedule
+    assert overlap_runs("ep", 16, 16, "interleaved_1f1b")
+    assert not overlap_runs("none", 1, 4, "interleaved_1f1b")
+    assert not overlap_runs("ep", 2, 4, "interleaved_zero_bubble")  # its pairing is not built yet
+    assert not overlap_runs("ep", 1, 1, "interleaved_1f1b")
 
 
 def test_layouts_it_cannot_run_are_refused():
-    check_overlap("none", 4, 1, True)
-    check_overlap("ep", 1, 4, False)
+    check_overlap("none", 4, 1, "interleaved_zero_bubble", True)
+    check_overlap("ep", 1, 4, "interleaved_1f1b", False)
+    check_overlap("ep", 2, 2, "interleaved_1f1b", False)
     with pytest.raises(ValueError, match="parallel.ep is 1"):
-        check_overlap("ep", 1, 1, False)
-    with pytest.raises(NotImplementedError, match="pp=1 only"):
-        check_overlap("ep", 2, 2, False)
+        check_overlap("ep", 1, 1, "interleaved_1f1b", False)
+    with pytest.raises(NotImplementedError, match="interleaved_1f1b only"):
+        check_overlap("ep", 2, 2, "interleaved_zero_bubble", False)
     with pytest.raises(NotImplementedError, match="activation_offload"):
-        check_overlap("ep", 1, 2, True)
+        check_overlap("ep", 1, 2, "interleaved_1f1b", True)
 
 
 def test_config_rejects_unknown_overlap():
@@ -52,11 +101,15 @@ def test_config_rejects_unknown_overlap():
         load_config(Path(__file__).parents[1] / "configs" / "k2_tiny.yaml", ["parallel.overlap=everything"])
 
 
-def test_pp1_ep4_overlap_matches_plain_bit_for_bit(data):
-    layout = BASE + layout_overrides(1, 1, 4, 1)
-    plain = run_world(4, "test_parallel_training:run_steps", dict(overrides=layout, data=data))
-    overlapped = run_world(4, "test_parallel_training:run_steps",
-                           dict(overrides=layout + ["parallel.overlap=ep"], data=data))
+# PP1 x EP4: forward m+1 paired with backward m; PP2 x V2 x EP2 x DP2: pairs inside the interleaved
+# 1F1B, with the data-parallel reduction and the pipeline's sends and receives around them.
+@pytest.mark.parametrize("layout", [(1, 1, 4, 1), (2, 2, 2, 2)], ids=["pp1xep4", "pp2xvp2xep2xdp2"])
+def test_overlap_matches_plain_bit_for_bit(layout, data):
+    pp, vp, ep, dp = layout
+    overrides = BASE + layout_overrides(pp, vp, ep, dp)
+    plain = run_world(pp * ep * dp, "test_parallel_training:run_steps", dict(overrides=overrides, data=data))
+    overlapped = run_world(pp * ep * dp, "test_parallel_training:run_steps",
+                           dict(overrides=overrides + ["parallel.overlap=ep"], data=data))
     for rank, (want, got) in enumerate(zip(plain, overlapped, strict=True)):
         for step, (w, g) in enumerate(zip(want["steps"], got["steps"], strict=True), start=1):
             assert g["loss"] == w["loss"], (rank, step)

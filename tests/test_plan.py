@@ -196,28 +196,18 @@ def k2_plan():
     return make_plan(cfg, layout, HARDWARE["h800"])
 
 
-def test_ep_all_to_all_is_hidden_as_built_only_with_overlap(k2_plan):
-    """K2 §2.4's overlap: without parallel.overlap the exchange blocks its micro-batch, so as built
-    the step pays all of it; with overlap=ep as built equals the ideal."""
-    import dataclasses
-
-    def ep(plan):
-        return [t for r in plan.ranks for t in r.traffic if t.name == "EP all-to-all"]
-
-    assert k2_plan.cfg.parallel.overlap == "none"
-    assert not any(t.hidden for t in ep(k2_plan))
-    assert k2_plan.step_s > k2_plan.ideal_step_s + min(t.seconds for t in ep(k2_plan)) * 0.5
-    cfg = k2_plan.cfg
-    overlapped = make_plan(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, overlap="ep")),
-                           k2_plan.layout, HARDWARE["h800"])
-    assert all(t.overlapped for t in ep(overlapped))
-    assert overlapped.step_s == overlapped.ideal_step_s == k2_plan.ideal_step_s
-
-
-def test_k2_1t_memory_lands_on_the_reports_figures(k2_plan):
+def test_k2_1t_memory_lands_on_the_reports_figures():
     from parallel.plan import paper_figures
 
-    f, cfg = paper_figures(k2_plan), k2_plan.cfg
+    # The report's figures are for layer-count stages; the cost-balanced split (parallel/stage_split.py)
+    # gives the embedding's rank two more layers and so about 3 GB more states.
+    cfg = load_config(ROOT / "configs" / "k2_1t.yaml")
+    even = [len(r) for r in split_layers(cfg.model.num_layers, 32)]
+    cfg = load_config(ROOT / "configs" / "k2_1t.yaml", [f"parallel.stage_layers=[{','.join(map(str, even))}]"])
+    layout = make_layout(256, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                         micro_batches=None)
+    k2_plan = make_plan(cfg, layout, HARDWARE["h800"])
+    f = paper_figures(k2_plan)
     total, _ = count_parameters(cfg.model)
     assert f.mp_size == 256 and 1.02e12 < total < 1.04e12
     # BF16 parameters and FP32 gradients: about 6 TB over 256 GPUs, about 24 GB each.
@@ -257,7 +247,7 @@ def test_plan_command_prints_tiny_and_k2_1t(capsys):
 
     assert main(["plan", "--config", str(ROOT / "configs" / "k2_tiny.yaml"), "--world-size", "8"]) == 0
     tiny = capsys.readouterr().out
-    assert "Pipeline rank 0: virtual stages 0 (embedding, layer 0)" in tiny and "Step time as built (estimate)" in tiny
+    assert "Pipeline rank 0: virtual stages 0 (embedding, layer 0)" in tiny and "Step time (estimate)" in tiny
     assert main(["plan", "--config", str(ROOT / "configs" / "k2_1t.yaml"), "--nodes", "32", "--hardware", "h200",
                  "--ranks", "0"]) == 0
     k2 = capsys.readouterr().out
