@@ -26,8 +26,14 @@ bit-identical to the plain order. Losses, max logits and expert loads are collec
 and summed in micro-batch order after the step.
 
 With pp > 1 the pairs run inside the interleaved 1F1B schedule (parallel/pipeline_overlap.py).
-Not built yet: pairing the zero-bubble schedule (its split backward) and overlap with activation
-offload; both are refused with a clear error.
+Not built yet: pairing the zero-bubble schedule (its split backward); it is refused with a clear
+error.
+
+With activation offload, a pair's forward packs while its backward fetches; the offloader's
+groups are keyed by micro-batch, and a prefetch that runs before the paired forward has ended
+fetches what is packed so far, the rest when that backward begins (k2train/memory/offload.py).
+Layer scopes are tracked per thread (k2train/memory/saved.py), so the backward's recomputed
+forwards do not disturb the byte accounting of the forward beside it.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def overlap_runs(overlap: str, pp: int, ep: int, schedule: str) -> bool:
     return overlap != "none" and ep > 1 and (pp == 1 or schedule == "interleaved_1f1b")
 
 
-def check_overlap(overlap: str, pp: int, ep: int, schedule: str, activation_offload: bool) -> None:
+def check_overlap(overlap: str, pp: int, ep: int, schedule: str) -> None:
     """Refuse, in one sentence, a layout the overlapped schedule cannot run yet."""
     if overlap == "none":
         return
@@ -60,9 +66,6 @@ def check_overlap(overlap: str, pp: int, ep: int, schedule: str, activation_offl
         raise NotImplementedError(f"parallel.overlap={overlap} runs with parallel.schedule=interleaved_1f1b only so "
                                   f"far (got {schedule}): pairing the zero-bubble schedule's split backward is not "
                                   "built yet.")
-    if activation_offload:
-        raise NotImplementedError(f"parallel.overlap={overlap} with memory.activation_offload=true is not "
-                                  "supported yet: the offloader's prefetch assumes one pass at a time.")
 
 
 def backward_expert_group(state: ParallelState) -> Any:

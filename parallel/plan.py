@@ -165,7 +165,8 @@ def _offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int)
                             cfg.memory.selective_recompute)
     last = layout.num_stages - 1
     floating = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last).floating for s in layout.stage_indices(pp)}
-    return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp), floating
+    paired = overlap_runs(cfg.parallel.overlap, layout.pp, layout.ep, cfg.parallel.schedule)
+    return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp, paired), floating
 
 
 def activation_settings(cfg: JobConfig, layout: Layout, attention: str, fp8: bool, recompute: bool) -> ActivationSettings:
@@ -180,7 +181,8 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     last = layout.num_stages - 1
     a = activation_settings(cfg, layout, attention, cfg.memory.fp8_activations, cfg.memory.selective_recompute)
     p, T, D = a.dtype_bytes, a.tokens, cfg.model.hidden_size
-    ops = schedule_ops(layout.pp, layout.vp, m, pp)
+    paired = overlap_runs(cfg.parallel.overlap, layout.pp, layout.ep, cfg.parallel.schedule)
+    ops = schedule_ops(layout.pp, layout.vp, m, pp, paired)
     # (received input, output) of one micro-batch: hidden states, the token ids on stage 0, the logits on the last.
     boundary = {s: (p * T * D if s > 0 else 0, p * T * (cfg.model.vocab_size if s == last else D)) for s in stages}
     features = {}

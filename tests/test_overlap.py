@@ -81,15 +81,13 @@ def test_the_plan_counts_the_overlap_only_where_the_runtime_runs_it():
 
 
 def test_layouts_it_cannot_run_are_refused():
-    check_overlap("none", 4, 1, "interleaved_zero_bubble", True)
-    check_overlap("ep", 1, 4, "interleaved_1f1b", False)
-    check_overlap("ep", 2, 2, "interleaved_1f1b", False)
+    check_overlap("none", 4, 1, "interleaved_zero_bubble")
+    check_overlap("ep", 1, 4, "interleaved_zero_bubble")  # pp = 1 runs no pipeline schedule
+    check_overlap("ep", 2, 2, "interleaved_1f1b")
     with pytest.raises(ValueError, match="parallel.ep is 1"):
-        check_overlap("ep", 1, 1, "interleaved_1f1b", False)
+        check_overlap("ep", 1, 1, "interleaved_1f1b")
     with pytest.raises(NotImplementedError, match="interleaved_1f1b only"):
-        check_overlap("ep", 2, 2, "interleaved_zero_bubble", False)
-    with pytest.raises(NotImplementedError, match="activation_offload"):
-        check_overlap("ep", 1, 2, "interleaved_1f1b", True)
+        check_overlap("ep", 2, 2, "interleaved_zero_bubble")
 
 
 def test_config_rejects_unknown_overlap():
@@ -102,11 +100,17 @@ def test_config_rejects_unknown_overlap():
 
 
 # PP1 x EP4: forward m+1 paired with backward m; PP2 x V2 x EP2 x DP2: pairs inside the interleaved
-# 1F1B, with the data-parallel reduction and the pipeline's sends and receives around them.
-@pytest.mark.parametrize("layout", [(1, 1, 4, 1), (2, 2, 2, 2)], ids=["pp1xep4", "pp2xvp2xep2xdp2"])
-def test_overlap_matches_plain_bit_for_bit(layout, data):
+# 1F1B, with the data-parallel reduction and the pipeline's sends and receives around them; PP1 x EP2
+# with activation offload and selective recompute: a pair's forward packs while its backward fetches
+# and recomputes.
+MEMORY = ["memory.activation_offload=true", "memory.selective_recompute=true"]
+
+
+@pytest.mark.parametrize("layout,extra", [((1, 1, 4, 1), []), ((2, 2, 2, 2), []), ((1, 1, 2, 1), MEMORY)],
+                         ids=["pp1xep4", "pp2xvp2xep2xdp2", "pp1xep2-offload-recompute"])
+def test_overlap_matches_plain_bit_for_bit(layout, extra, data):
     pp, vp, ep, dp = layout
-    overrides = BASE + layout_overrides(pp, vp, ep, dp)
+    overrides = BASE + layout_overrides(pp, vp, ep, dp) + extra
     plain = run_world(pp * ep * dp, "test_parallel_training:run_steps", dict(overrides=overrides, data=data))
     overlapped = run_world(pp * ep * dp, "test_parallel_training:run_steps",
                            dict(overrides=overrides + ["parallel.overlap=ep"], data=data))

@@ -118,7 +118,7 @@ def torch_barrier() -> None:
 def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str) -> list[dict]:
     from multiproc import run_world
 
-    micro = 4
+    micro = 8 if pp > 1 else 4  # the pipeline pairs only in its steady state: more micro-batches
     tokens = 128 * 2 * micro * dp
     overrides = [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
                  f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
@@ -140,16 +140,22 @@ def inside(args) -> None:
                 _run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.rate,
                       "burst", args.burst, "latency", "2s"])  # a long queue: no drops, no TCP retransmits
             for name, layout in _chosen(args).items():
-                for overlap in ("none", "ep"):
-                    start = time.perf_counter()
-                    results[name, link, overlap] = run_layout(*layout, overlap, args.steps, data)
-                    print(f"  {name}, {link}, overlap={overlap}: {time.perf_counter() - start:.0f} s", flush=True)
+                runs: dict[str, list[list[dict]]] = {"none": [], "ep": []}
+                for _ in range(args.repeats):  # off and on alternate, so a load change hits both
+                    for overlap in ("none", "ep"):
+                        start = time.perf_counter()
+                        runs[overlap].append(run_layout(*layout, overlap, args.steps, data))
+                        print(f"  {name}, {link}, overlap={overlap}: {time.perf_counter() - start:.0f} s", flush=True)
+                for overlap, reps in runs.items():
+                    results[name, link, overlap] = [
+                        {k: statistics.median(rep[rank][k] for rep in reps) for k in reps[0][rank]}
+                        for rank in range(len(reps[0]))]
     report(results, args)
 
 
 def report(results: dict, args) -> None:
     print(f"\nk2_tiny, seq 128 x 2 per micro-batch, 4 micro-batches per step, {args.steps} steps "
-          f"(median of steps 2+), loopback shaped to {args.rate} (tbf burst {args.burst}); times in s.\n"
+          f"(median of steps 2+, then of {args.repeats} runs), loopback shaped to {args.rate} (tbf burst {args.burst}); times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
           "exposed: loop - compute; best: max(compute, link), the loop if every exchange hid under compute "
@@ -193,7 +199,8 @@ def outside(args) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
-                        "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--only", args.only], check=True, env=env)
+                        "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
+                        "--only", args.only], check=True, env=env)
     finally:
         subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
 
@@ -203,6 +210,7 @@ def main() -> None:
     parser.add_argument("--rate", default="200mbit", help="tbf rate of the shaped loopback")
     parser.add_argument("--burst", default="256kb", help="tbf burst of the shaped loopback")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
