@@ -25,9 +25,8 @@ after the other in micro-batch order, so gradient accumulation adds in the same 
 bit-identical to the plain order. Losses, max logits and expert loads are collected per micro-batch
 and summed in micro-batch order after the step.
 
-With pp > 1 the pairs run inside the interleaved 1F1B schedule (parallel/pipeline_overlap.py).
-Not built yet: pairing the zero-bubble schedule (its split backward); it is refused with a clear
-error.
+With pp > 1 the pairs run inside the interleaved 1F1B or zero-bubble schedule
+(parallel/pipeline_overlap.py).
 
 With activation offload, a pair's forward packs while its backward fetches; the offloader's
 groups are keyed by micro-batch, and a prefetch that runs before the paired forward has ended
@@ -50,22 +49,16 @@ from parallel.schedule_table import paired_order
 from parallel.state import ParallelState, _my_group
 
 
-def overlap_runs(overlap: str, pp: int, ep: int, schedule: str) -> bool:
+def overlap_runs(overlap: str, ep: int) -> bool:
     """Whether the runtime overlaps the EP all-to-all for this layout (what the plan counts as built)."""
-    return overlap != "none" and ep > 1 and (pp == 1 or schedule == "interleaved_1f1b")
+    return overlap != "none" and ep > 1
 
 
-def check_overlap(overlap: str, pp: int, ep: int, schedule: str) -> None:
-    """Refuse, in one sentence, a layout the overlapped schedule cannot run yet."""
-    if overlap == "none":
-        return
-    if ep < 2:
+def check_overlap(overlap: str, ep: int) -> None:
+    """Refuse, in one sentence, a layout with nothing to overlap."""
+    if overlap != "none" and ep < 2:
         raise ValueError(f"parallel.overlap={overlap} hides the expert all-to-all, but parallel.ep is {ep}: "
                          "there is none to hide; set parallel.overlap=none.")
-    if pp > 1 and schedule != "interleaved_1f1b":
-        raise NotImplementedError(f"parallel.overlap={overlap} runs with parallel.schedule=interleaved_1f1b only so "
-                                  f"far (got {schedule}): pairing the zero-bubble schedule's split backward is not "
-                                  "built yet.")
 
 
 def backward_expert_group(state: ParallelState) -> Any:
@@ -81,6 +74,7 @@ class Turns:
         self._cond = threading.Condition()
         self._holder: int | None = None
         self._live = [False, False]
+        self.hand_overs = 0  # times the turn passed to the other task (a count for tests and reports)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
 
     def hand_over(self) -> None:
@@ -89,6 +83,7 @@ class Turns:
             if me is None or not self._live[1 - me]:
                 return
             self._holder = 1 - me
+            self.hand_overs += 1
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._holder == me)
 

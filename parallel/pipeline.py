@@ -41,8 +41,21 @@ class PairedInterleaved1F1B(TheoryInterleaved1F1B):
     """The interleaved 1F1B with communication overlap (parallel.overlap=ep): one more warm-up
     forward, then forward/backward pairs as OVERLAP_F_B actions (parallel/pipeline_overlap.py)."""
 
+    split_backward = False
+
     def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
-        return paired_actions(self.pp_group_size, self.n_local_stages, self._n_microbatches, rank)
+        return paired_actions(self.pp_group_size, self.n_local_stages, self._n_microbatches, rank,
+                              self.split_backward)
+
+
+class PairedInterleavedZeroBubble(PairedInterleaved1F1B):
+    """The same pairs with each backward split: the input-gradient pass in the pair, the deferred
+    weight-gradient pass after it (parallel.schedule=interleaved_zero_bubble with overlap)."""
+
+    split_backward = True
+
+
+PAIRED = {"interleaved_1f1b": PairedInterleaved1F1B, "interleaved_zero_bubble": PairedInterleavedZeroBubble}
 
 
 SCHEDULES = {"interleaved_1f1b": TheoryInterleaved1F1B, "interleaved_zero_bubble": ScheduleInterleavedZeroBubble}
@@ -148,7 +161,7 @@ def build_schedule(
     ]
     if turns is None:
         return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    paired = PairedInterleaved1F1B(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    paired = PAIRED[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired.register_custom_function(_ComputationType.OVERLAP_F_B, overlap_forward_backward(turns))
     return paired
 

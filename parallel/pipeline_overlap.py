@@ -4,7 +4,10 @@ micro-batch) pairs run as one action, taking turns (parallel/overlap.py `Turns`)
 one's expert all-to-all is in flight while the other computes.
 
 The order is schedule_table.py's `paired_order`: one more warm-up forward per rank than the plain
-interleaved 1F1B, then forward/backward pairs. torch's runtime carries a pair as an `OVERLAP_F_B`
+interleaved 1F1B, then forward/backward pairs. With the zero-bubble schedule each backward is split
+(K2 §2.4): the pair runs the forward beside the input-gradient pass, and the weight-gradient pass
+of that micro-batch follows the pair as its own action, so the input gradient's pipeline send is
+in flight while the weight gradients are computed. torch's runtime carries a pair as an `OVERLAP_F_B`
 action whose two sub-actions it lowers to sends and receives like any others (the receives of both
 are posted before the pair, the sends of both after it). The function registered for
 `OVERLAP_F_B` does what the runtime does for a lone forward and a lone backward, split between the
@@ -26,17 +29,22 @@ from torch.distributed.pipelining.schedules import (
 from parallel.overlap import Turns
 from parallel.schedule_table import Op, paired_order
 
-_KINDS = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
+_FORWARD, _FULL, _INPUT, _WEIGHT = (_ComputationType.FORWARD, _ComputationType.FULL_BACKWARD,
+                                    _ComputationType.BACKWARD_INPUT, _ComputationType.BACKWARD_WEIGHT)
 
 
-def paired_actions(pp: int, vp: int, microbatches: int, rank: int) -> list[_Action]:
-    """Rank `rank`'s compute actions in the paired order: pairs as OVERLAP_F_B with their two sub-actions."""
-    def action(op: Op) -> _Action:
-        return _Action(op.stage, _KINDS[op.kind], op.microbatch)
-
-    return [action(step[0]) if len(step) == 1 else
-            _Action(-1, _ComputationType.OVERLAP_F_B, None, tuple(action(op) for op in step))
-            for step in paired_order(pp, vp, microbatches, rank)]
+def paired_actions(pp: int, vp: int, microbatches: int, rank: int, split_backward: bool) -> list[_Action]:
+    """Rank `rank`'s compute actions in the paired order: pairs as OVERLAP_F_B with their two
+    sub-actions; with `split_backward`, each backward as its input-gradient pass (in the pair) and
+    its weight-gradient pass right after."""
+    actions: list[_Action] = []
+    for step in paired_order(pp, vp, microbatches, rank):
+        ops = [_Action(op.stage, _FORWARD if op.kind == "F" else _INPUT if split_backward else _FULL, op.microbatch)
+               for op in step]
+        actions.append(ops[0] if len(ops) == 1 else _Action(-1, _ComputationType.OVERLAP_F_B, None, tuple(ops)))
+        if split_backward and step[-1].kind == "B":
+            actions.append(_Action(step[-1].stage, _WEIGHT, step[-1].microbatch))
+    return actions
 
 
 def overlap_forward_backward(turns: Turns):
@@ -62,6 +70,9 @@ def overlap_forward_backward(turns: Turns):
 
         def run_backward() -> None:
             loss = schedule._maybe_get_loss(b_stage, b_mb)
+            if backward.computation_type == _INPUT:  # its weight-gradient pass is counted when it runs
+                b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=False, last_backward=False)
+                return
             schedule.backward_counter[backward.stage_index] += 1
             last = schedule.backward_counter[backward.stage_index] == schedule._n_microbatches
             b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=True, last_backward=last)

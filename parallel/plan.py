@@ -132,7 +132,7 @@ def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str
     exposed = max(r.compute_s + sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic if t.overlapped)
                   for r in ranks)
     step_s = exposed + bubble_s + max(r.update_s for r in ranks)
-    ep_hidden = overlap_runs(cfg.parallel.overlap, layout.pp, layout.ep, cfg.parallel.schedule)
+    ep_hidden = overlap_runs(cfg.parallel.overlap, layout.ep)
     step_built_s = max(_exposed_as_built(r, ep_hidden) for r in ranks) + bubble_s + max(r.update_s for r in ranks)
     model_flops = cfg.train.global_batch_tokens * flops_per_token(cfg.model, cfg.data.seq_len).training
     return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops, tuple(split), step_built_s)
@@ -165,7 +165,7 @@ def _offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int)
                             cfg.memory.selective_recompute)
     last = layout.num_stages - 1
     floating = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last).floating for s in layout.stage_indices(pp)}
-    paired = overlap_runs(cfg.parallel.overlap, layout.pp, layout.ep, cfg.parallel.schedule)
+    paired = overlap_runs(cfg.parallel.overlap, layout.ep)
     return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp, paired), floating
 
 
@@ -181,7 +181,7 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     last = layout.num_stages - 1
     a = activation_settings(cfg, layout, attention, cfg.memory.fp8_activations, cfg.memory.selective_recompute)
     p, T, D = a.dtype_bytes, a.tokens, cfg.model.hidden_size
-    paired = overlap_runs(cfg.parallel.overlap, layout.pp, layout.ep, cfg.parallel.schedule)
+    paired = overlap_runs(cfg.parallel.overlap, layout.ep)
     ops = schedule_ops(layout.pp, layout.vp, m, pp, paired)
     # (received input, output) of one micro-batch: hidden states, the token ids on stage 0, the logits on the last.
     boundary = {s: (p * T * D if s > 0 else 0, p * T * (cfg.model.vocab_size if s == last else D)) for s in stages}

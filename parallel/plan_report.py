@@ -334,8 +334,6 @@ def run_plan(args: argparse.Namespace) -> int:
 def _ep_overlap_text(plan: Plan) -> str:
     """Whether this plan's runtime hides the EP all-to-all under compute (parallel/overlap.py)."""
     p = plan.cfg.parallel
-    if overlap_runs(p.overlap, plan.layout.pp, plan.layout.ep, p.schedule):
+    if overlap_runs(p.overlap, plan.layout.ep):
         return "EP all-to-all hidden under the paired micro-batch, parallel.overlap=ep"
-    if p.overlap == "none":
-        return "EP all-to-all exposed: parallel.overlap=none"
-    return f"EP all-to-all exposed: the runtime does not pair parallel.schedule={p.schedule} yet"
+    return f"EP all-to-all exposed: parallel.overlap={p.overlap}"

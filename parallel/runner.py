@@ -64,7 +64,7 @@ class ParallelRunner:
         parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
         dtype = getattr(torch, cfg.train.param_dtype)
         # parallel.overlap (K2 §2.4): backwards take turns with forwards, their exchanges on a group of their own.
-        check_overlap(cfg.parallel.overlap, layout.pp, layout.ep, cfg.parallel.schedule)
+        check_overlap(cfg.parallel.overlap, layout.ep)
         self.turns = Turns() if cfg.parallel.overlap != "none" else None
         backward_group = backward_expert_group(state) if self.turns is not None else None
         for part in parts:
