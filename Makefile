@@ -69,8 +69,9 @@ bench-memory: install
 bench-split: install
 	$(BIN)/python tests/benchmarks/bench_stage_split.py
 
-# parallel.overlap=ep on and off, pp1 x ep4 (x dp2) inside a network namespace whose loopback is
-# rate-limited (tc tbf); needs root (not a test). RATE=200mbit by default.
+# parallel.overlap=ep off and on for PP2xVP2xEP2xDP2, PP2xEP2 and PP1xEP4 inside a network namespace
+# whose loopback is rate-limited (tc tbf), beside the plan's time model; needs root (not a test).
+# RATE=500mbit by default; about 15 minutes on 2 cores.
 bench-overlap: install
 	$(BIN)/python tests/benchmarks/bench_overlap.py $(if $(RATE),--rate $(RATE))
 

@@ -5,13 +5,16 @@ Not a test: `make bench-overlap` (as root) prints numbers. Between gloo processe
 loopback an all-to-all is a memory copy that costs CPU, not wall time, so overlap cannot show. The
 benchmark creates its own network namespace whose loopback is rate-limited with a tbf qdisc (a
 shaped loopback carries its configured rate, and waiting on it costs no CPU), runs each layout
-there with overlap off and on, once on the unshaped and once on the shaped loopback, and removes
-the namespace at the end, also on failure. Only loopback addresses are used.
+there with overlap off and on (alternating, `--repeats` times), first on the unshaped and then on
+the shaped loopback, and removes the namespace at the end, also on failure. Only loopback
+addresses are used.
 
-Per rank it prints the micro-batch loop's time (forwards, backwards and their exchanges; the part
-overlap changes), the whole step's, the compute time c (the loop on the unshaped loopback), the
-exposed all-to-all wait (loop time minus c), and the ideal max(c, comm) / (c + comm) with comm the
-plain run's exposed wait. Timings are medians over the steps after the first.
+Per rank it prints the micro-batch loop's time (forwards, backwards and their exchanges: the part
+overlap changes), the whole step's, the compute time (the loop on the unshaped loopback), the link
+time (one step's all-to-alls replayed back to back with no compute), the exposed wait (loop minus
+compute) and the best loop max(compute, link). Per layout it then sets `k2train plan`'s time model
+against the slowest rank's loop, overlap off and on (`planned_loops`). Timings are medians over the
+steps after the first, then over the repeats.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=fal
 # in Python.
 SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
          "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512"]
-LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp1xep4 (4 processes)": (1, 1, 4, 1)}
+LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)": (2, 1, 2, 1),
+           "pp1xep4 (4 processes)": (1, 1, 4, 1)}
 
 
 def measure(payload: dict) -> dict:
@@ -115,15 +119,57 @@ def torch_barrier() -> None:
     dist.barrier()
 
 
+def layout_overrides(pp: int, vp: int, ep: int, dp: int, overlap: str) -> list[str]:
+    micro = 8 if pp > 1 else 4  # the pipeline pairs only in its steady state: more micro-batches
+    tokens = 128 * 2 * micro * dp
+    return [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
+            f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
+
+
 def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str) -> list[dict]:
     from multiproc import run_world
 
-    micro = 8 if pp > 1 else 4  # the pipeline pairs only in its steady state: more micro-batches
-    tokens = 128 * 2 * micro * dp
-    overrides = [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
-                 f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
     return run_world(pp * ep * dp, "bench_overlap:measure",
-                     dict(overrides=overrides, data=data, steps=steps, replay=overlap == "none"), timeout=900)
+                     dict(overrides=layout_overrides(pp, vp, ep, dp, overlap), data=data, steps=steps,
+                          replay=overlap == "none"), timeout=900)
+
+
+def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rate_bytes_s: float) -> dict[str, float]:
+    """`k2train plan`'s schedule time (as built, without the update after it) for this layout, overlap
+    off and on, calibrated to this machine: the compute rate chosen so that the plan's unshaped
+    schedule (compute and bubble, no link time) equals the measured plain loop on the unshaped
+    loopback; the link is the shaped loopback, one link all ranks share, so rate / world per rank."""
+    from dataclasses import replace
+
+    from k2train.config.load import load_config
+    from parallel.layout import make_layout
+    from parallel.plan import make_plan
+    from parallel.plan_time import HARDWARE
+
+    pp, vp, ep, dp = layout
+    world = pp * ep * dp
+
+    def schedule_s(overlap: str, hw) -> float:
+        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", layout_overrides(pp, vp, ep, dp, overlap))
+        lay = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                          micro_batches=None)
+        plan = make_plan(cfg, lay, hw)
+        return plan.step_built_s - max(r.update_s for r in plan.ranks)
+
+    fast = replace(HARDWARE["h800"], peak_tflops=1.0, efficiency=1.0, nvlink_gbs=1e12, network_gbs=1e12, pcie_gbs=1e12)
+    rate = schedule_s("none", fast) / unshaped_loop_s  # TFLOP/s that make the plan's compute this CPU's
+    shaped = replace(fast, peak_tflops=rate, nvlink_gbs=rate_bytes_s / world / 1e9,
+                     network_gbs=rate_bytes_s / world / 1e9)
+    return {overlap: schedule_s(overlap, shaped) for overlap in ("none", "ep")}
+
+
+def rate_bytes(rate: str) -> float:
+    """A tc rate ("500mbit", "1gbit") in bytes per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for unit, scale in units.items():
+        if rate.endswith(unit):
+            return float(rate[: -len(unit)]) * scale / 8
+    raise ValueError(f"--rate {rate!r}: expected a number followed by kbit, mbit or gbit.")
 
 
 def inside(args) -> None:
@@ -154,7 +200,7 @@ def inside(args) -> None:
 
 
 def report(results: dict, args) -> None:
-    print(f"\nk2_tiny, seq 128 x 2 per micro-batch, 4 micro-batches per step, {args.steps} steps "
+    print(f"\nk2_tiny (hidden 256), seq 128 x 2 per micro-batch, 4 micro-batches per data rank (8 with pp > 1), {args.steps} steps "
           f"(median of steps 2+, then of {args.repeats} runs), loopback shaped to {args.rate} (tbf burst {args.burst}); times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
@@ -176,6 +222,12 @@ def report(results: dict, args) -> None:
         share = statistics.mean((p["loop"] - u["loop"]) / p["loop"]
                                 for p, u in zip(plain, results[name, "unshaped", "none"]))
         print(f"  mean share of the plain loop spent waiting on the all-to-all: {share:.2f}")
+        unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
+        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(args.rate))
+        for overlap in ("none", "ep"):
+            measured = max(r["loop"] for r in results[name, "shaped", overlap])
+            print(f"  plan (as built, calibrated) overlap={overlap}: {planned[overlap]:.3f} s, measured slowest rank "
+                  f"{measured:.3f} s, plan/measured {planned[overlap] / measured:.2f}")
 
 
 def _chosen(args) -> dict[str, tuple[int, int, int, int]]:
@@ -207,7 +259,7 @@ def outside(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", default="200mbit", help="tbf rate of the shaped loopback")
+    parser.add_argument("--rate", default="500mbit", help="tbf rate of the shaped loopback")
     parser.add_argument("--burst", default="256kb", help="tbf burst of the shaped loopback")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
