@@ -93,8 +93,13 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------------
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], sampler: dict, layout: dict) -> None:
-        """Write the checkpoint of `step` (asynchronously with checkpoint.async_save)."""
+    def save(self, step: int, tensors: dict[str, torch.Tensor], sampler: dict, layout: dict,
+             planner: dcp.SavePlanner | None = None, file_per_tensor: bool = False) -> None:
+        """Write the checkpoint of `step` (asynchronously with checkpoint.async_save).
+
+        `planner` and `file_per_tensor` serve streaming conversion (`parallel/convert_import.py`):
+        a planner that reads each tensor only when it is written, one file each, so no file
+        gathers more than one tensor in memory."""
         self.wait()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -107,7 +112,8 @@ class Checkpointer:
             self.pending = (dcp.async_save(state, checkpoint_id=str(partial), no_dist=not self.distributed),
                             partial, manifest)
         else:
-            dcp.save(state, checkpoint_id=str(partial), no_dist=not self.distributed)
+            writer = dcp.FileSystemWriter(str(partial), single_file_per_rank=not file_per_tensor)
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=not self.distributed)
             self._publish(partial, manifest)
 
     def wait(self) -> None:
