@@ -43,9 +43,13 @@ def dequantize_fp8_block(weight_RC: torch.Tensor, scale_inv: torch.Tensor, dtype
     """
     rows, cols = weight_RC.shape
     first_block = row_start // BLOCK
-    block_of_row = (torch.arange(row_start, row_start + rows) // BLOCK) - first_block
-    scale_RC = scale_inv.float()[block_of_row].repeat_interleave(BLOCK, dim=1)[:, :cols]
-    return (weight_RC.float() * scale_RC).to(dtype)
+    out_RC = torch.empty(rows, cols, dtype=dtype)
+    # One block row at a time, so the float32 temporaries stay 128 rows whatever the matrix.
+    edges = [row_start, *range((first_block + 1) * BLOCK, row_start + rows, BLOCK), row_start + rows]
+    for a, b in zip(edges, edges[1:]):
+        scale_C = scale_inv[a // BLOCK - first_block].float().repeat_interleave(BLOCK)[:cols]
+        out_RC[a - row_start:b - row_start] = (weight_RC[a - row_start:b - row_start].float() * scale_C).to(dtype)
+    return out_RC
 
 
 def quantize_fp8_block(w_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
