@@ -62,9 +62,9 @@ def hf_rope(config: dict) -> dict[str, tuple[str, Any]]:
     else:  # transformers 4
         where, params = "rope_scaling", config.get("rope_scaling") or {}
         theta = ("rope_theta", config.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    found = {"rope_theta": theta, "rope_type": (f"{where}.rope_type", kind)}
-    if kind == "yarn":
+    spelled = "type" if "type" in params and "rope_type" not in params else "rope_type"
+    found = {"rope_theta": theta, "rope_type": (f"{where}.{spelled}", params.get(spelled, "default"))}
+    if found["rope_type"][1] == "yarn":
         for field in YARN_FIELDS:
             found[field] = (f"{where}.{field}", params.get(field, YARN_DEFAULTS.get(field)))
     return found
@@ -132,7 +132,11 @@ def check_hf_config(directory: Path, cfg: ModelConfig, accepted: tuple[str, ...]
             raise CheckpointError(f"{path} has {spelled}={theirs!r}, but the config describes {spelled}={ours!r}.")
         if spelled in accepted or spelled.split(".")[-1] in accepted:
             continue
-        how = (f"set {knob}={theirs!r} with --set to convert the checkpoint's model, or "
-               if knob is not None and knob != "model.yarn" else "k2train implements only this value; ")
+        if knob is None:
+            how = "k2train implements only this value; "
+        elif knob == "model.yarn":
+            how = "set model.yarn (as the file's rope scaling) with --set to convert the checkpoint's model, or "
+        else:
+            how = f"set {knob}={theirs!r} with --set to convert the checkpoint's model, or "
         raise CheckpointError(f"{path} has {spelled}={theirs!r}, but the config describes {ours!r}; {how}"
                               f"pass --accept-hf-field {spelled} to convert it into this config's model deliberately.")

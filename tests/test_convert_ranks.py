@@ -86,11 +86,18 @@ def test_from_the_released_weights_to_a_checkpoint_and_back_to_hf(tmp_path):
     from parallel.convert import load_whole_model
 
     bf16 = "train.param_dtype=bfloat16"
-    cfg = load_config(TINY, [*ONE, bf16])
+    # The release extends the context with YaRN (factor 32 from 4096); here 4 from 64.
+    yarn = ("model.yarn={factor: 4.0, original_max_position_embeddings: 64, beta_fast: 1.0, beta_slow: 1.0, "
+            "mscale: 1.0, mscale_all_dim: 1.0}")
+    cfg = load_config(TINY, [*ONE, bf16, yarn])
     write_k2_format(K2Model(cfg.model, seed=11), tmp_path / "Kimi-K2-Base", shards=4)
+    # The pre-training config has plain RoPE: converting under it would change the model, so it is refused.
     assert main(["convert", "--config", str(TINY), *_sets(*ONE, bf16), "--from-hf", str(tmp_path / "Kimi-K2-Base"),
-                 "--out", str(tmp_path / "ckpt")]) == 0
-    assert main(["convert", "--config", str(TINY), *_sets(*ONE, bf16), "--from-checkpoint", str(tmp_path / "ckpt"),
+                 "--out", str(tmp_path / "ckpt")]) == 2
+    assert not (tmp_path / "ckpt").exists()
+    assert main(["convert", "--config", str(TINY), *_sets(*ONE, bf16, yarn), "--from-hf",
+                 str(tmp_path / "Kimi-K2-Base"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", "--config", str(TINY), *_sets(*ONE, bf16, yarn), "--from-checkpoint", str(tmp_path / "ckpt"),
                  "--out", str(tmp_path / "hf-bf16"), "--shard-mb", "0.1", "--working-set-mb", "0.05"]) == 0
     assert len(list((tmp_path / "hf-bf16").glob("model-*-of-*.safetensors"))) > 1
     hf, info = transformers.DeepseekV3ForCausalLM.from_pretrained(
@@ -102,7 +109,7 @@ def test_from_the_released_weights_to_a_checkpoint_and_back_to_hf(tmp_path):
     assert "model.layers.0.self_attn.q_b_proj.weight" in shared  # transformers 5 fuses the experts' names
     for name in shared:  # the bf16 weights travel bit for bit
         assert torch.equal(theirs_state[name], to_hf_state_dict(ours.state_dict())[name]), name
-    tokens = torch.randint(0, 257, (2, 16))
+    tokens = torch.randint(0, 257, (2, 100))  # past the original 64 positions: YaRN matters
     with torch.no_grad():
         mine = ours.float()(tokens).output
         theirs = hf.float().eval()(tokens).logits
