@@ -113,7 +113,8 @@ class Checkpointer:
                             partial, manifest)
         else:
             writer = dcp.FileSystemWriter(str(partial), single_file_per_rank=not file_per_tensor)
-            dcp.save(state, storage_writer=writer, planner=planner, no_dist=not self.distributed)
+            dcp.save(state, checkpoint_id=str(partial), storage_writer=writer, planner=planner,
+                     no_dist=not self.distributed)
             self._publish(partial, manifest)
 
     def wait(self) -> None:

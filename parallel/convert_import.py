@@ -99,7 +99,7 @@ def check_source(source: HFSource, cfg: JobConfig, targets: list[Target]) -> Non
         base = name.removesuffix(SCALE_SUFFIX)
         parts = name.split(".")
         # Layers past num_layers are multi-token-prediction modules (DeepSeek-V3 ships one); K2 has none.
-        mtp = parts[:2] == ["model", "layers"] and int(parts[2]) >= cfg.model.num_layers
+        mtp = parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= cfg.model.num_layers
         if not mtp and not (name.endswith(SCALE_SUFFIX) and base in expected):
             raise CheckpointError(f"{source.directory} holds {name}, which the config's model does not have.")
     source.load_headers(t.hf_name for t in targets)

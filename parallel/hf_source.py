@@ -38,7 +38,8 @@ class HFSource:
         if index.is_file():
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (directory / SINGLE).is_file():
-            self.weight_map = {name: SINGLE for name in self._open(SINGLE).keys()}
+            with self._open(SINGLE) as handle:
+                self.weight_map = {name: SINGLE for name in handle.keys()}
         else:
             raise CheckpointError(f"{directory} has neither {INDEX} nor {SINGLE}.")
         self.headers: dict[str, tuple[str, tuple[int, ...]]] = {}
