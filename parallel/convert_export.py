@@ -1,6 +1,7 @@
 """A checkpoint -> HF safetensors (DeepseekV3 layout, bf16 or the checkpoint's dtype), streamed.
 
-The HF tensors, their shapes and dtypes come from the checkpoint's metadata alone. Shards are
+The HF tensors, their shapes and dtypes come from the checkpoint's index alone, read as JSON
+(`parallel/checkpoint_metadata.py`; the pickled `.metadata` only with --trust-checkpoint). Shards are
 planned up front (`shard_bytes` each), so a shard's safetensors header is written first and its
 tensors follow as they are read from the checkpoint, at most `working_set_bytes` of them per DCP
 load (one checkpoint tensor when larger): memory does not grow with the model. Experts are one
@@ -20,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from k2train.config.schema import JobConfig
 from k2train.model.hf_names import hf_config_dict, hf_name_of_item, to_hf_name
 from parallel.checkpoint import MANIFEST, CheckpointError, Checkpointer, latest_checkpoint
+from parallel.checkpoint_metadata import checkpoint_reader
 
 INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -39,9 +41,9 @@ class HFTensor:
         return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
-def hf_tensors(path: Path) -> list[HFTensor]:
-    """The HF tensors of the checkpoint at `path`, from its DCP metadata (no tensor is read)."""
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+def hf_tensors(path: Path, trust: bool = False) -> list[HFTensor]:
+    """The HF tensors of the checkpoint at `path`, from its DCP index (no tensor is read)."""
+    stored = checkpoint_reader(path, trust).read_metadata().state_dict_metadata
     tensors: dict[str, HFTensor] = {}
     for key, meta in stored.items():
         if key.startswith("model/"):
@@ -91,7 +93,7 @@ def _header(shard: list[HFTensor]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def _write_shard(path: Path, shard: list[HFTensor], checkpoint: Path, working_set_bytes: int) -> None:
+def _write_shard(path: Path, shard: list[HFTensor], checkpoint: Path, working_set_bytes: int, trust: bool) -> None:
     keys = [(key, shape, t.dtype) for t in shard for key, shape in t.keys]
     with path.open("wb") as f:
         f.write(_header(shard))
@@ -104,7 +106,7 @@ def _write_shard(path: Path, shard: list[HFTensor], checkpoint: Path, working_se
                     break
                 batch.append((key, torch.empty(shape, dtype=dtype)))
                 size += nbytes
-            dcp.load(dict(batch), checkpoint_id=str(checkpoint), no_dist=True)
+            dcp.load(dict(batch), storage_reader=checkpoint_reader(checkpoint, trust), no_dist=True)
             for _, tensor in batch:
                 f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
             start += len(batch)
@@ -117,15 +119,16 @@ def export_hf(cfg: JobConfig, checkpoint: Path, out: Path, shard_bytes: int = 4 
     path = checkpoint if (checkpoint / MANIFEST).is_file() else latest_checkpoint(checkpoint)
     if path is None:
         raise CheckpointError(f"{checkpoint} holds no checkpoint ({MANIFEST} or a `latest` pointer).")
-    tensors = hf_tensors(path)
-    # Verifies every file's sha256 and the model config the checkpoint was saved with.
-    Checkpointer(cfg, path.parent, rank=0, distributed=False).load(path, {})
+    # Every file's sha256 and the model config the checkpoint was saved with, before anything is read.
+    Checkpointer(cfg, path.parent, rank=0, distributed=False).verify(path)
+    trust = cfg.checkpoint.trust_pickle_metadata
+    tensors = hf_tensors(path, trust)
     out.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(tensors, shard_bytes)
     files, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         file = out / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(file, shard, path, working_set_bytes)
+        _write_shard(file, shard, path, working_set_bytes, trust)
         files.append(file)
         weight_map.update({t.name: file.name for t in shard})
     total = sum(t.nbytes for t in tensors)

@@ -1,8 +1,9 @@
 """HF safetensors -> a step-0 checkpoint, streamed, on one process or on every rank of a layout.
 
 Each rank writes exactly the checkpoint keys it owns under the target layout, found by the same
-code the trainer uses: the rank's model parts (`parallel/pipeline.build_stage_models`, built on
-the meta device, so no memory), its optimizer items (`parallel/ownership.item_places`) and their
+code the trainer uses: the rank's model parts (the runner's stage split,
+`parallel/stage_split.choose_split`, and `parallel/pipeline.build_stage_models`, built on the meta
+device, so no memory), its optimizer items (`parallel/ownership.item_places`) and their
 ZeRO-1 owners in its dense (EP x DP) and expert (DP) groups (`parallel/ownership.assign_owners`,
 the rank's place in the sorted group as torch numbers it). Router biases are written by the first
 rank of each stage's dense group. So a 256-rank import reads the model once, in parallel, and no
@@ -33,7 +34,8 @@ from parallel.hf_fp8 import SCALE_SUFFIX
 from parallel.hf_source import HFSource
 from parallel.layout import Layout
 from parallel.ownership import assign_owners, is_expert_param, item_places
-from parallel.pipeline import build_stage_models, split_layers
+from parallel.pipeline import build_stage_models
+from parallel.stage_split import choose_split
 from parallel.trainer import layout_for
 
 
@@ -62,7 +64,7 @@ def _target(key: str, shape: tuple[int, ...], full_shape: tuple[int, ...]) -> Ta
 def rank_targets(cfg: JobConfig, layout: Layout, rank: int) -> list[Target]:
     """The checkpoint keys rank `rank` of `layout` owns, as the trainer's ZeRO-1 assigns them."""
     m, coords = cfg.model, layout.coords(rank)
-    split = split_layers(m.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+    split = choose_split(cfg, layout.num_stages, layout.pp)
     with torch.device("meta"):
         parts = build_stage_models(m, split, layout.stage_indices(coords.pp), coords.ep, layout.ep, cfg.train.seed)
     named = [(name, p) for part in parts for name, p in part.named_parameters()]
@@ -152,6 +154,7 @@ def import_hf(cfg: JobConfig, directory: Path, out: Path, rank: int = 0, layout:
 
     planned = {t.key: torch.empty(t.shape, dtype=dtype, device="meta") for t in targets}
     checkpointer = Checkpointer(cfg, out, rank=rank, distributed=distributed)
+    checkpointer.lineage = {}  # imported weights: the first run that trains them starts the lineage
     header = dict(world_size=layout.world_size, pp=layout.pp, vp=layout.vp, ep=layout.ep, dp=layout.dp,
                   source=str(directory))
     checkpointer.save(0, planned, sampler={}, layout=header, planner=LazyTensorPlanner(read), file_per_tensor=True)

@@ -229,10 +229,11 @@ def make_layout(world_size: int, parallel: ParallelConfig, *, num_layers: int, n
             f"model.num_experts ({num_experts}) must split evenly over parallel.ep ({parallel.ep}) so every "
             f"EP rank holds the same number of experts.")
     stages = parallel.pp * parallel.vp
-    if num_layers < stages:
+    if num_layers < stages - 1:
         raise LayoutError(
             f"model.num_layers ({num_layers}) cannot fill parallel.pp {parallel.pp} x parallel.vp "
-            f"{parallel.vp} = {stages} virtual pipeline stages; each stage needs at least one layer.")
+            f"{parallel.vp} = {stages} virtual pipeline stages; each stage but the last (which may hold "
+            f"only the head) needs at least one layer.")
     if parallel.pp > 1 and micro_batches is not None:
         _check_micro_batches(micro_batches, parallel.pp)
     return Layout(world_size=world_size, pp=parallel.pp, vp=parallel.vp, ep=parallel.ep, dp=dp,

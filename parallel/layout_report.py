@@ -17,6 +17,7 @@ from k2train.config.checks import micro_batches_per_step, validate_world
 from k2train.config.load import load_config
 from k2train.config.schema import JobConfig
 from parallel.layout import GROUP_AXES, GROUP_KINDS, Axis, Layout, LayoutError, RankCoords, make_layout
+from parallel.stage_split import SplitError, choose_split, describe_split
 
 # Groups listed one by one up to this many; past it the report gives counts and the first few.
 _LIST_ALL = 8
@@ -220,11 +221,14 @@ def run_layout(args: argparse.Namespace) -> int:
                              num_experts=cfg.model.num_experts,
                              micro_batches=micro_batches_per_step(cfg, dp))
         report = describe_layout(layout, args.ranks)
-    except LayoutError as err:
+        split = describe_split(choose_split(cfg, layout.num_stages, layout.pp), layout.pp)
+    except (LayoutError, SplitError) as err:
         # Same form as the main CLI's errors for people: one sentence, no traceback.
         print(f"k2train: error: {source}: {err}", file=sys.stderr)
         return 2
     print(report)
+    print(f"Layers of the {layout.num_stages} virtual stages (parallel/stage_split.py):")
+    print(split)
     if args.params:
         from parallel.param_report import describe_params  # imports torch and the model: only when asked
 

@@ -91,10 +91,10 @@ class OptimizerPlan:
 
 def build_plan(cfg: JobConfig, layout: Layout) -> OptimizerPlan:
     """Build each (pipeline rank, EP rank) part once on meta (dp replicas share it) and assign owners."""
-    from parallel.pipeline import split_layers
+    from parallel.stage_split import choose_split
 
     ns_steps = cfg.optimizer.ns_steps
-    split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+    split = choose_split(cfg, layout.num_stages, layout.pp)
     dense, expert = {}, {}
     for pp in range(layout.pp):
         for ep in range(layout.ep):

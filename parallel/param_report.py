@@ -17,7 +17,8 @@ from k2train.config.schema import JobConfig
 from k2train.model import count_parameters
 from parallel.ownership import is_expert_param
 from parallel.layout import Layout, RankCoords
-from parallel.pipeline import build_stage_models, split_layers
+from parallel.pipeline import build_stage_models
+from parallel.stage_split import choose_split
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class RankParams:
 def rank_params(cfg: JobConfig, layout: Layout, rank: int) -> RankParams:
     """Build `rank`'s model parts on the meta device and count their parameters."""
     coords = layout.coords(rank)
-    split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+    split = choose_split(cfg, layout.num_stages, layout.pp)
     with torch.device("meta"):
         parts = build_stage_models(cfg.model, split, layout.stage_indices(coords.pp), coords.ep, layout.ep,
                                    cfg.train.seed)

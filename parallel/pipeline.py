@@ -20,6 +20,7 @@ from k2train.config.schema import ModelConfig
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
 from parallel.schedule_table import timeline
+from parallel.stage_split import describe_split, split_layers  # noqa: F401  (re-exported for callers)
 from parallel.stage_buffers import LeanReceiveStage, ReceiveBufferLog
 
 
@@ -35,37 +36,6 @@ class TheoryInterleaved1F1B(ScheduleInterleaved1F1B):
 
 
 SCHEDULES = {"interleaved_1f1b": TheoryInterleaved1F1B, "interleaved_zero_bubble": ScheduleInterleavedZeroBubble}
-
-
-def split_layers(num_layers: int, num_stages: int, layers_per_stage: Sequence[int] | None = None) -> list[range]:
-    """The layers of each virtual stage, in stage order.
-
-    Explicit `layers_per_stage` is used as given. Otherwise the split is as even as possible, and
-    the stages that get one layer fewer are the first and the last, which also carry the embedding
-    and the head.
-    """
-    if layers_per_stage is not None:
-        counts = list(layers_per_stage)
-    else:
-        base, extra = divmod(num_layers, num_stages)
-        counts = [base] * num_stages
-        # Extra layers go to the middle stages first, from the centre out.
-        preference = sorted(range(num_stages), key=lambda s: (s in (0, num_stages - 1), abs(2 * s - num_stages + 1)))
-        for s in preference[:extra]:
-            counts[s] += 1
-    bounds = [0]
-    for count in counts:
-        bounds.append(bounds[-1] + count)
-    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
-
-
-def describe_split(split: list[range], pp: int) -> str:
-    """One line per pipeline rank: its virtual stages and their layers."""
-    lines = []
-    for rank in range(pp):
-        stages = [f"stage {s}: layers {r.start}-{r.stop - 1}" for s, r in enumerate(split) if s % pp == rank]
-        lines.append(f"  pp rank {rank}: " + "; ".join(stages))
-    return "\n".join(lines)
 
 
 class _TraceBackward(torch.autograd.Function):

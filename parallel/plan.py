@@ -23,6 +23,8 @@ from parallel.layout import Layout
 from parallel.plan_activations import ActivationSettings, Saved, stage_saved
 from parallel.plan_memory import (
     GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
+from parallel.offload_budget import budget_bytes, offloaded_keys
+from parallel.offload_budget import host_bytes as offload_host_bytes
 from parallel.plan_time import (
     Hardware, LinkTraffic, bubble, collective_seconds, link_seconds, stage_train_flops)
 
@@ -93,10 +95,16 @@ class Plan:
     step_s: float
     bubble_s: float
     model_flops: int  # per step, the MFU numerator
+    split: tuple[range, ...]  # the layers of every virtual stage (parallel/stage_split.py)
+    step_built_s: float = 0.0  # the step as the runtime runs it (see `_exposed_as_built`)
 
     @property
     def mfu(self) -> float:
         return self.model_flops / (self.layout.world_size * self.hardware.peak_tflops * 1e12 * self.step_s)
+
+    @property
+    def mfu_built(self) -> float:
+        return self.mfu * self.step_s / self.step_built_s
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -110,11 +118,11 @@ def default_attention(cfg: JobConfig) -> str:
 
 def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str | None = None) -> Plan:
     """The plan of `cfg` laid out as `layout` on `hardware` (see the module docstring)."""
-    from parallel.pipeline import split_layers
+    from parallel.stage_split import choose_split
 
     attention = attention or default_attention(cfg)
     m = micro_batches_per_step(cfg, layout.dp)
-    split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+    split = choose_split(cfg, layout.num_stages, layout.pp)
     groups = zero1_groups(cfg, layout, split)
     ranks = tuple(_rank_plan(cfg, layout, hardware, attention, m, split, pp, groups[pp]) for pp in range(layout.pp))
     busiest = max(r.compute_s for r in ranks)
@@ -123,12 +131,42 @@ def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str
     exposed = max(r.compute_s + sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic if t.overlapped)
                   for r in ranks)
     step_s = exposed + bubble_s + max(r.update_s for r in ranks)
+    step_built_s = max(_exposed_as_built(r) for r in ranks) + bubble_s + max(r.update_s for r in ranks)
     model_flops = cfg.train.global_batch_tokens * flops_per_token(cfg.model, cfg.data.seq_len).training
-    return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops)
+    return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops, tuple(split), step_built_s)
+
+
+# The runtime does not overlap the EP all-to-all with compute yet: "as built" counts it exposed.
+EP_OVERLAP_BUILT = False
+
+
+def _exposed_as_built(r: RankPlan) -> float:
+    """A rank's schedule time as the runtime runs it: compute, plus what overlapped traffic exceeds
+    it, plus the whole EP all-to-all while the runtime does not overlap it."""
+    ep = sum(t.seconds for t in r.traffic if t.name == "EP all-to-all") if not EP_OVERLAP_BUILT else 0.0
+    rest = sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic
+               if t.overlapped and (EP_OVERLAP_BUILT or t.name != "EP all-to-all"))
+    return r.compute_s + ep + rest
 
 
 # Traffic that runs during the schedule, under compute (K2 §2.4); the rest runs after it.
 _OVERLAPPED = ("EP all-to-all", "pipeline send/receive", "activation offload")
+
+
+def budgeted_offload(cfg: JobConfig, layout: Layout, split: list[range], pp: int) -> set[tuple[int, int]]:
+    """The (stage, micro-batch) keys of pipeline rank `pp` that go to host under
+    memory.activation_offload_budget_gib (parallel/offload_budget.py): the runner offloads these,
+    the plan counts their bytes."""
+    return offloaded_keys(*_offload_inputs(cfg, layout, split, pp), budget_bytes(cfg.memory.activation_offload_budget_gib))
+
+
+def _offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int) -> tuple[list, dict[int, int]]:
+    """The rank's schedule ops and one micro-batch's floating-point saved bytes per stage."""
+    a = activation_settings(cfg, layout, default_attention(cfg), cfg.memory.fp8_activations,
+                            cfg.memory.selective_recompute)
+    last = layout.num_stages - 1
+    floating = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last).floating for s in layout.stage_indices(pp)}
+    return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp), floating
 
 
 def activation_settings(cfg: JobConfig, layout: Layout, attention: str, fp8: bool, recompute: bool) -> ActivationSettings:
@@ -156,6 +194,9 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     buffers = pipeline_buffers(stages, layout.num_stages, m, p * T * D, T)
     dense, expert = groups
     peak = features[configured]
+    if cfg.memory.activation_offload and cfg.memory.activation_offload_budget_gib is not None:
+        # Under a budget the kept micro-batches' floating-point tensors stay too: at most the budget.
+        peak = replace(peak, device=peak.device + budget_bytes(cfg.memory.activation_offload_budget_gib))
     as_built, ideal = _memories(cfg, dense, expert, peak, buffers, p)
     compute_s = sum(m * T * stage_train_flops(cfg.model, a.seq, split[s], s == last, a.recompute, attention == "fused")
                     for s in stages) / (hw.peak_tflops * 1e12 * hw.efficiency)
@@ -212,6 +253,8 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
     sends = sum(m * p * T * D for s in stages if s < layout.num_stages - 1)
     sends += sum(m * p * T * D for s in stages if s > 0)
     offloaded = sum(m * saved[s].floating for s in stages) if cfg.memory.activation_offload else 0
+    if cfg.memory.activation_offload and cfg.memory.activation_offload_budget_gib is not None:
+        offloaded = offload_host_bytes(budgeted_offload(cfg, layout, split, pp), {s: saved[s].floating for s in stages})
     spans = _spans_nodes(layout)
     items = [
         ("EP all-to-all", ep_bytes, link_seconds(ep_bytes, local, hw), "NVLink + network" if 0 < local < 1 else

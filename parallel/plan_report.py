@@ -57,7 +57,9 @@ def describe_plan(plan: Plan, pipeline_ranks: list[int] | None = None) -> str:
         f"  step: {cfg.train.global_batch_tokens:,} tokens = {lay.sequence_ranks} sequence ranks x {plan.micro_batches} "
         f"micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens; {cfg.train.param_dtype} parameters",
         f"  memory features: fp8_activations {_on(mem.fp8_activations)}, selective_recompute "
-        f"{_on(mem.selective_recompute)}, activation_offload {_on(mem.activation_offload)}, optimizer_offload "
+        f"{_on(mem.selective_recompute)}, activation_offload {_on(mem.activation_offload)}"
+        + (f" (device budget {mem.activation_offload_budget_gib:g} GiB)" if mem.activation_offload_budget_gib is not None
+           else "") + ", optimizer_offload "
         f"{_on(mem.optimizer_offload)}; attention {plan.attention}",
         f"  {_unit[0]} per GPU, for the GPU with the most memory among a stage's {lay.sequence_ranks} EP x DP ranks; "
         f"usable {hw.usable_bytes / GiB:g} of {hw.gpu_memory_gib:g} GiB",
@@ -97,7 +99,8 @@ def _groups(plan: Plan, wanted: list[int] | None) -> list[list[RankPlan]]:
 
 def _stage_text(plan: Plan, stage: int, layers: range) -> str:
     parts = ["embedding"] if stage == 0 else []
-    parts.append(f"layer {layers.start}" if len(layers) == 1 else f"layers {layers.start}-{layers.stop - 1}")
+    if len(layers):
+        parts.append(f"layer {layers.start}" if len(layers) == 1 else f"layers {layers.start}-{layers.stop - 1}")
     if stage == plan.layout.num_stages - 1:
         parts.append("head + loss")
     return f"{stage} ({', '.join(parts)})"
@@ -179,12 +182,20 @@ def _step_lines(plan: Plan) -> list[str]:
     busiest = max(plan.ranks, key=lambda r: r.compute_s)
     update = max(r.update_s for r in plan.ranks)
     comm = plan.step_s - busiest.compute_s - plan.bubble_s - update
+    mean = sum(r.compute_s for r in plan.ranks) / len(plan.ranks)
+    split = "parallel.stage_layers" if plan.cfg.parallel.stage_layers is not None else "balanced by cost"
     return [
+        f"Layers per virtual stage ({split}, parallel/stage_split.py): "
+        + " ".join(str(len(layers)) for layers in plan.split),
+        f"  pipeline-rank compute: busiest {busiest.compute_s:,.1f} s, mean {mean:,.1f} s, "
+        f"busiest/mean {busiest.compute_s / mean:.3f}",
         f"Step time (estimate): {plan.step_s:,.1f} s = compute {busiest.compute_s:,.1f} s (pipeline rank "
         f"{busiest.pp}) + bubble {plan.bubble_s:,.1f} s + communication beyond compute {comm:,.1f} s "
         f"+ reduce, gather and update {update:,.1f} s",
         f"  MFU {plan.mfu:.1%} of {plan.hardware.peak_tflops:g} TFLOP/s ({plan.model_flops / 1e15:,.0f} PFLOP of model "
         f"FLOPs per step); {plan.tokens_per_s_per_gpu:,.0f} tokens/s per GPU",
+        f"  as built (EP all-to-all not overlapped by the runtime yet): step {plan.step_built_s:,.1f} s, "
+        f"MFU {plan.mfu_built:.1%}",
     ]
 
 

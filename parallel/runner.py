@@ -22,9 +22,13 @@ from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
-from parallel.checkpoint import latest_checkpoint, router_bias_key
+from parallel.checkpoint import CheckpointError, router_bias_key
+from parallel.checkpoint_resume import resume_point
+from parallel.signals import stop_on_signal
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss, split_layers
+from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.plan import budgeted_offload
+from parallel.stage_split import choose_split
 from parallel.state import ParallelState
 from parallel.zero1 import ShardedMuonClip
 
@@ -54,7 +58,7 @@ class ParallelRunner:
                  measure_activations: bool = False):
         self.cfg, self.state, self.sampler = cfg, state, sampler
         layout, coords = state.layout, state.coords
-        self.split = split_layers(cfg.model.num_layers, layout.num_stages, cfg.parallel.stage_layers)
+        self.split = choose_split(cfg, layout.num_stages, layout.pp)
         self.stage_indices = layout.stage_indices(coords.pp)
         parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
         dtype = getattr(torch, cfg.train.param_dtype)
@@ -71,6 +75,9 @@ class ParallelRunner:
         self.offloader = ActivationOffloader(state.device) if cfg.memory.activation_offload else None
         self.saved = (SavedActivations(parts, self.offloader)
                       if self.offloader is not None or measure_activations else None)
+        self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp)
+                             if self.offloader is not None and cfg.memory.activation_offload_budget_gib is not None
+                             else None)
         self.schedule = None
         if layout.pp > 1:
             # The executed order of stage forwards and backwards, kept only when asked for (tests).
@@ -84,6 +91,7 @@ class ParallelRunner:
         m = cfg.model
         self.start_step = 0
         self.checkpointer = None
+        self.stop_signals = None
         self.optimizer = ShardedMuonClip(
             [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
             state.dense_group, state.expert_grad_group, cfg.optimizer,
@@ -102,7 +110,7 @@ class ParallelRunner:
         )
         inputs_BS, labels_BS = inputs_BS.to(self.state.device), labels_BS.to(self.state.device)
         if self.offloader is not None:
-            self.offloader.expect(self._backward_order())
+            self.offloader.expect(self._backward_order(), self.offload_keys)
         if self.schedule is None:
             loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
         else:
@@ -199,12 +207,18 @@ class ParallelRunner:
             tensors[router_bias_key(layer)] = bias
         return tensors
 
-    def attach_checkpointer(self, checkpointer, layout_header: dict) -> None:
-        """Resume from the latest checkpoint under the checkpointer's root, if any, and save from now on."""
-        self.checkpointer, self.layout_header = checkpointer, layout_header
-        path = latest_checkpoint(checkpointer.root)
+    def attach_checkpointer(self, checkpointer, layout_header: dict, stop_signals=None) -> None:
+        """Resume from the latest checkpoint under the checkpointer's root, if any, and save from now
+        on; with `stop_signals` (parallel/signals.py), stop cleanly on SIGTERM / SIGINT."""
+        self.checkpointer, self.layout_header, self.stop_signals = checkpointer, layout_header, stop_signals
+        path = resume_point(checkpointer)
         if path is None:
             return
+        step = checkpointer.verify(path)["step"]
+        if self.cfg.train.steps <= step:
+            raise CheckpointError(f"{path} is already at step {step}, and train.steps is {self.cfg.train.steps}; "
+                                  "raise train.steps to train on, or use another checkpoint.dir to start over.")
+        checkpointer.resume_lineage(path)
         restored, with_optimizer = checkpointer.load(path, self.checkpoint_tensors())
         self.optimizer.restore(restored.step if with_optimizer else 0, with_optimizer)
         if restored.sampler:
@@ -221,12 +235,16 @@ class ParallelRunner:
 
     def end_of_step(self, step: int, last: bool) -> None:
         every = self.cfg.checkpoint.every_steps
-        if self.checkpointer is None or not every:
-            return
-        if step % every == 0 or last:
-            self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
-        if last:
-            self.checkpointer.wait()
+        saved = False
+        if self.checkpointer is not None and every:
+            self.checkpointer.poll()  # an asynchronous save is published as soon as it is complete
+            if step % every == 0 or last:
+                self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
+                saved = True
+            if last:
+                self.checkpointer.wait()
+        if self.stop_signals is not None:
+            stop_on_signal(self, step, saved)
 
     def owned_gradients(self) -> dict[str, torch.Tensor]:
         """The reduced gradients this rank owns, by item key (valid between forward_backward and the step)."""

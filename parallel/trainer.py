@@ -16,8 +16,14 @@ import torch.distributed as dist
 
 from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
-from k2train.train.loop import NonFiniteLossError, RunResult, data_prefix, open_sampler, train
-from parallel.checkpoint import Checkpointer
+from k2train.train.loop import NonFiniteLossError, RunResult, data_prefix, open_samplers, train
+from parallel.checkpoint import Checkpointer, gather_objects
+from parallel.checkpoint_lock import CheckpointLock
+from parallel.checkpoint_metadata import CheckpointError
+from parallel.checkpoint_resume import StoppedRunError, record_stop
+from parallel.evaluate import Evaluator
+from parallel.preflight import check_paths
+from parallel.signals import JobStopped, StopSignals
 from parallel.layout import Layout, make_layout
 from parallel.pipeline import describe_split
 from parallel.runner import ParallelRunner
@@ -49,6 +55,9 @@ def exit_code(job: Callable[[], object]) -> int:
     except NonFiniteLossError as err:
         print(f"k2train: {err}", file=sys.stderr)
         return 1
+    except JobStopped as err:
+        print(f"k2train: {err}", file=sys.stderr)
+        return err.exit_code
     except LaunchError as err:
         print(f"k2train: error: {err}", file=sys.stderr)
         return 2
@@ -59,25 +68,68 @@ def run_training(cfg: JobConfig, env: LaunchEnv | None = None) -> RunResult:
     """Train `cfg` as this process's rank of the launched world."""
     env = launch_env() if env is None else env
     layout = layout_for(cfg, env.world_size)
+    check_paths(cfg, checkpoint_root(cfg))
     device = device_for(cfg.parallel.device, env.local_rank)
     state = init_parallel(layout, env, device)
+    signals = StopSignals(state.device, state.is_distributed).install()
     try:
-        return _train_rank(cfg, state)
+        return _train_rank(cfg, state, signals)
     finally:
+        signals.restore()
         if state.is_distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train_rank(cfg: JobConfig, state: ParallelState) -> RunResult:
-    sampler = open_sampler(cfg, _shared_data_prefix(cfg, state))
+def _train_rank(cfg: JobConfig, state: ParallelState, signals: StopSignals) -> RunResult:
+    root = checkpoint_root(cfg)
+    lock = _lock(cfg, root, state)
+    try:
+        return _train_locked(cfg, state, signals, root, lock)
+    except StoppedRunError:
+        raise
+    except NonFiniteLossError as err:
+        if lock is not None and state.rank == 0:  # a relaunched job reads it and stops the same way
+            record_stop(root, str(err))
+        raise
+    finally:
+        if lock is not None and state.rank == 0:
+            lock.release()
+
+
+def _lock(cfg: JobConfig, root: Path, state: ParallelState) -> CheckpointLock | None:
+    """Rank 0 takes the checkpoint directory's lock (when the run saves); every rank learns the outcome."""
+    if not cfg.checkpoint.every_steps:
+        return None
+    lock, failure = CheckpointLock(root, cfg.checkpoint.take_over), None
+    if state.rank == 0:
+        try:
+            lock.acquire()
+        except CheckpointError as err:
+            failure = err
+    problem = gather_objects(str(failure) if failure else "", state.is_distributed)[0]
+    if failure is not None:
+        raise failure
+    if problem:
+        raise CheckpointError(problem)
+    return lock
+
+
+def _train_locked(cfg: JobConfig, state: ParallelState, signals: StopSignals, root: Path,
+                  lock: CheckpointLock | None) -> RunResult:
+    sampler, valid_sampler = open_samplers(cfg, _shared_data_prefix(cfg, state))
     runner = ParallelRunner(cfg, state, sampler)
+    evaluation = Evaluator(runner, valid_sampler, cfg.train.eval_batches) if valid_sampler and cfg.train.eval_every else None
     layout = state.layout
     if state.is_logging_rank and layout.pp > 1:
         print(f"k2train: {layout.num_stages} pipeline stages over pp={layout.pp} x vp={layout.vp}:")
         print(describe_split(runner.split, layout.pp))
     header = dict(world_size=layout.world_size, pp=layout.pp, vp=layout.vp, ep=layout.ep, dp=layout.dp)
-    runner.attach_checkpointer(Checkpointer(cfg, checkpoint_root(cfg), state.rank, state.is_distributed), header)
-    return train(cfg, runner, header, state.is_logging_rank)
+    run_id = gather_objects(lock.owner.run_id if lock is not None else None, state.is_distributed)[0]
+    checkpointer = Checkpointer(cfg, root, state.rank, state.is_distributed, run_id)
+    if lock is not None and lock.previous is not None and state.rank == 0:
+        checkpointer.remove_partials(lock.previous.run_id)  # its owner is gone: nobody finishes them
+    runner.attach_checkpointer(checkpointer, header, signals)
+    return train(cfg, runner, header, state.is_logging_rank, evaluation)
 
 
 def checkpoint_root(cfg: JobConfig) -> Path:

@@ -86,7 +86,12 @@ def test_multi_process_resume_is_bit_for_bit(tmp):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("target,world", [(ONE, 1), (OTHER, 8)], ids=["to-one-process", "to-pp1xep4xdp2"])
+# Another split of the layers over the stages: the last stage holds only the head (parallel/stage_split.py).
+RESPLIT = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1", "parallel.stage_layers=[2,1,1,0]"]
+
+
+@pytest.mark.parametrize("target,world", [(ONE, 1), (OTHER, 8), (RESPLIT, 2)],
+                         ids=["to-one-process", "to-pp1xep4xdp2", "to-pp2xvp2-another-split"])
 def test_a_checkpoint_reshards_to_another_layout(tmp, target, world):
     """Saved under PP2xVP2xEP2xDP2, loaded under another layout: training continues with the same loss.
     The embedding and head are row blocks with other owners in each layout."""
@@ -143,13 +148,13 @@ def crash_during_save(payload: dict) -> None:
     save = dcp.save
     calls = {"n": 0}
 
-    def dying_save(state, checkpoint_id, **kwargs):
+    def dying_save(state, storage_writer, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            os.makedirs(checkpoint_id, exist_ok=True)
-            Path(checkpoint_id, "__0_0.distcp").write_bytes(b"half a file")
+            os.makedirs(storage_writer.path, exist_ok=True)
+            Path(storage_writer.path, "__0_0.distcp").write_bytes(b"half a file")
             os._exit(9)
-        return save(state, checkpoint_id=checkpoint_id, **kwargs)
+        return save(state, storage_writer=storage_writer, **kwargs)
 
     dcp.save = dying_save
     train_job(payload)

@@ -307,10 +307,17 @@ def test_config_from_dict_names_its_source():
     assert config_from_dict({}, "<run args>") == JobConfig()
 
 
-@pytest.mark.parametrize("layers", ["[1,1,1]", "[2,0,1,1]", "[1,1,1,2]"])
+@pytest.mark.parametrize("layers", ["[1,1,1]", "[2,0,1,1]", "[1,1,1,2]", "[2,2,1,-1]"])
 def test_stage_layers_must_cover_every_stage_and_layer(layers):
     overrides = ["model.num_layers=4", "parallel.pp=2", "parallel.vp=2", "parallel.dp=null",
                  f"parallel.stage_layers={layers}"]
-    with pytest.raises(ConfigError, match=r"parallel.stage_layers .* = 4 stages at least one layer and add up to model.num_layers 4"):
+    with pytest.raises(ConfigError, match=r"parallel.stage_layers .* = 4 stages at least one layer \(the last may hold only the head\) and add up to model.num_layers 4"):
         load_config(TINY, overrides)
     load_config(TINY, overrides[:-1] + ["parallel.stage_layers=[1,1,1,1]"])
+    load_config(TINY, overrides[:-1] + ["parallel.stage_layers=[2,1,1,0]"])
+
+
+def test_a_negative_offload_budget_is_refused():
+    with pytest.raises(ConfigError, match=r"memory.activation_offload_budget_gib must be at least 0 GiB or null, got -1.0"):
+        load_config(TINY, ["memory.activation_offload=true", "memory.activation_offload_budget_gib=-1.0"])
+    assert load_config(TINY, ["memory.activation_offload_budget_gib=2.5"]).memory.activation_offload_budget_gib == 2.5

@@ -14,7 +14,8 @@ from k2train.config.load import load_config
 from k2train.model import K2Model
 from k2train.model.hf_names import hf_config_dict, to_hf_state_dict
 from launch.cli import main
-from parallel.checkpoint import CheckpointError
+from parallel.checkpoint import MANIFEST, CheckpointError, latest_checkpoint
+from parallel.checkpoint_metadata import METADATA_JSON
 from parallel.hf_config_check import FUNCTION_FIELDS, YARN_FIELDS, check_hf_config
 from parallel.hf_fp8 import dequantize_fp8_block, e4m3_error_bound, quantize_fp8_block, scale_name
 
@@ -58,6 +59,25 @@ def test_fp8_release_format_imports_exactly(tmp_path):
         else:
             want = stored.to(got.dtype)
         assert torch.equal(got, want), name
+
+
+def test_an_imported_checkpoint_carries_the_json_index_and_export_unpickles_nothing(tmp_path, capsys):
+    cfg = load_config(TINY, ONE)
+    write_k2_format(K2Model(cfg.model, seed=3), tmp_path / "hf")
+    assert main(["convert", "--config", str(TINY), *_sets(*ONE), "--from-hf", str(tmp_path / "hf"),
+                 "--out", str(tmp_path / "ckpt")]) == 0
+    step = latest_checkpoint(tmp_path / "ckpt")
+    assert (step / METADATA_JSON).is_file()
+    # Without the JSON index only the pickle is left: export refuses it unless the user trusts it.
+    (step / METADATA_JSON).unlink()
+    manifest = json.loads((step / MANIFEST).read_text())
+    del manifest["files"][METADATA_JSON]
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    export = ["convert", "--config", str(TINY), *_sets(*ONE), "--from-checkpoint", str(tmp_path / "ckpt")]
+    assert main([*export, "--out", str(tmp_path / "refused")]) == 2
+    assert f"{METADATA_JSON} is missing" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main([*export, "--trust-checkpoint", "--out", str(tmp_path / "trusted")]) == 0
+    assert (tmp_path / "trusted" / "model.safetensors.index.json").is_file()
 
 
 def _corrupt(directory: Path, how: str) -> str:

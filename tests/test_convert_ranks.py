@@ -15,6 +15,7 @@ from k2train.model import K2Model
 from launch.cli import main
 from multiproc import run_world
 from parallel.checkpoint import latest_checkpoint
+from parallel.checkpoint_metadata import JsonReader
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"
@@ -47,10 +48,10 @@ def import_as_rank(payload: dict) -> tuple[int, list, list]:
 
 
 def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    stored = JsonReader(str(path)).read_metadata().state_dict_metadata
     tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in stored.items()
                if k.startswith(("model/", "buffer/"))}
-    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
+    dcp.load(tensors, storage_reader=JsonReader(str(path)), no_dist=True)
     return tensors
 
 

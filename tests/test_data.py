@@ -330,8 +330,10 @@ def test_sampler_errors(tmp_path, counting_dataset):
         SequenceSampler(short, seq_len=8, seed=0)
     SequenceSampler(short, seq_len=7, seed=0).next_batch(2)  # one sample, drawn twice: fine
     state = SequenceSampler(counting_dataset, 10, seed=0).state_dict()
-    with pytest.raises(DataError, match="seq_len 10.*has 20"):
-        SequenceSampler(counting_dataset, 20, seed=0).load_state_dict(state)
+    with pytest.raises(DataError, match="10 samples of 10 tokens.*holds 0: it is not the data"):
+        SequenceSampler(short, 7, seed=0).load_state_dict(state)
+    with pytest.raises(DataError, match="seed 0.*has 1"):
+        SequenceSampler(counting_dataset, 10, seed=1).load_state_dict(state)
     with pytest.raises(DataError, match="rank 2"):
         SequenceSampler(counting_dataset, 10, seed=0).next_batch(1, rank=2, world=2)
 

@@ -92,12 +92,16 @@ def _run_steps(payload: dict) -> dict:
 
     env = launch_env()
     runs = {}
-    for flag in ("false", "true"):
-        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"] + [f"memory.activation_offload={flag}"])
+    extra = {"false": ["memory.activation_offload=false"], "true": ["memory.activation_offload=true"]}
+    if payload.get("budget") is not None:
+        extra["budget"] = ["memory.activation_offload=true",
+                           f"memory.activation_offload_budget_gib={payload['budget']!r}"]
+    for flag, flag_overrides in extra.items():
+        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"] + flag_overrides)
         if flag == "false":
             state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
         runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]))
-        losses, orders = [], []
+        losses, orders, host = [], [], []
         for _ in range(2):
             result = runner.forward_backward()
             runner.clip_gradients(cfg.optimizer.max_grad_norm)
@@ -106,7 +110,8 @@ def _run_steps(payload: dict) -> dict:
             if runner.offloader is not None:
                 orders.append((list(runner.offloader.fetched_groups), runner._backward_order(),
                                runner.offloader.late_fetches))
-        runs[flag] = dict(losses=losses, orders=orders,
+                host.append(dict(runner.offloader.host_bytes_by_key))
+        runs[flag] = dict(losses=losses, orders=orders, host=host, pp=state.coords.pp, keys=runner.offload_keys,
                           params={n: p.detach().clone() for n, p in runner.model.named_parameters()})
     torch.distributed.destroy_process_group()
     return runs
@@ -133,3 +138,51 @@ def test_pipeline_offload_matches_no_offload_and_fetches_in_schedule_order(sched
             # fetch issued before its backward needed it (one ahead, or at its backward's start).
             assert fetched == order and late == 0
             assert len(order) == 2 * 8  # 2 virtual stages x 8 micro-batches
+
+
+def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
+    """Under memory.activation_offload_budget_gib only the micro-batches whose backward comes last
+    go to host: the same bits as no offload, and each rank copies exactly the micro-batches the
+    plan chose (parallel/offload_budget.py), no more, no fewer."""
+    from k2train.data.prepare import prepare_dataset
+    from k2train.config.load import load_config
+    from parallel.offload_budget import GiB, offloaded_keys
+    from parallel.plan import _offload_inputs
+    from parallel.stage_split import choose_split
+    from parallel.trainer import layout_for
+    import json
+
+    data = tmp_path / "json"
+    prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), data, "byte")
+    base = ["model.num_layers=4", "model.num_experts=8", "data.seq_len=16", "train.micro_batch_size=1",
+            "train.global_batch_tokens=128", "parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1",
+            "memory.fp8_activations=true", "memory.selective_recompute=true"]
+    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", base + ["memory.activation_offload=true"])
+    layout = layout_for(cfg, 2)
+    split = choose_split(cfg, layout.num_stages, layout.pp)
+    budget = 3 * max(_offload_inputs(cfg, layout, split, 0)[1].values()) / GiB  # about 3 micro-batches
+    for rank in run_world(2, "test_offload:_run_steps", dict(overrides=base, data=str(data), budget=budget)):
+        off, on, budgeted = rank["false"], rank["true"], rank["budget"]
+        assert off["losses"] == budgeted["losses"]
+        for name, param in off["params"].items():
+            assert torch.equal(param, budgeted["params"][name]), name
+        ops, floating = _offload_inputs(cfg, layout, split, budgeted["pp"])
+        planned = offloaded_keys(ops, floating, int(budget * GiB))
+        assert budgeted["keys"] == planned and 0 < len(planned) < len(on["host"][0])
+        for step in range(2):
+            assert budgeted["host"][step] == {k: on["host"][step][k] for k in planned}
+        for fetched, order, late in budgeted["orders"]:
+            assert fetched == [k for k in order if k in planned] and late == 0
+
+
+def test_the_budget_keeps_the_soonest_backwards_on_the_device():
+    from parallel.offload_budget import offloaded_keys
+
+    # One stage, forwards 0-3 then backwards 0-3: with room for two, the two needed last go to host.
+    ops = [("F", 0)] * 4 + [("B", 0)] * 4
+    assert offloaded_keys(ops, {0: 10}, 20) == {(0, 2), (0, 3)}
+    assert offloaded_keys(ops, {0: 10}, 0) == {(0, m) for m in range(4)}
+    assert offloaded_keys(ops, {0: 10}, 40) == set()
+    # 1F1B: the device never holds more than the budget.
+    ops = [("F", 0), ("F", 0), ("B", 0), ("F", 0), ("B", 0), ("B", 0)]
+    assert offloaded_keys(ops, {0: 10}, 10) == {(0, 1)}

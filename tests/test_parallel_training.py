@@ -98,14 +98,16 @@ LAYOUTS = [
     pytest.param((1, 1, 4, 1, "interleaved_1f1b"), id="pp1xep4"),
     pytest.param((4, 1, 1, 2, "interleaved_1f1b"), id="pp4xdp2"),
     pytest.param((2, 1, 2, 1, "interleaved_zero_bubble"), id="pp2xep2-zero-bubble"),
+    # An uneven split whose last stage holds only the head and the loss (parallel/stage_split.py).
+    pytest.param((2, 2, 1, 1, "interleaved_1f1b", "parallel.stage_layers=[2,1,1,0]"), id="pp2xvp2-head-only-stage"),
 ]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_one_process(layout, data, reference):
-    pp, vp, ep, dp, schedule = layout
+    pp, vp, ep, dp, schedule, *split = layout
     ranks = run_world(pp * ep * dp, "test_parallel_training:run_steps",
-                      dict(overrides=BASE + layout_overrides(pp, vp, ep, dp, schedule), data=data))
+                      dict(overrides=BASE + layout_overrides(pp, vp, ep, dp, schedule) + split, data=data))
     num_local = 8 // ep
     for rank, result in enumerate(ranks):
         for step, (got, want) in enumerate(zip(result["steps"], reference["steps"]), start=1):

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from k2train.config.schema import JobConfig, ParallelConfig
+from k2train.config.schema import JobConfig, MixtureEntry, ParallelConfig
 
 
 class ConfigError(ValueError):
@@ -73,6 +73,10 @@ _BOUNDS: tuple[tuple[str, _Bound], ...] = (
     ("train.micro_batch_size", _ge(1)),
     ("train.seed", _ge(0)),
     ("train.loss_spike_factor", _ge(0)),
+    ("train.eval_every", _ge(0)),
+    ("train.eval_batches", _ge(1)),
+    ("data.valid_fraction", _UNIT),
+    ("train.max_skipped_steps", _ge(1)),
     ("memory.optimizer_chunk_mb", _gt(0)),
     ("checkpoint.every_steps", _ge(0)),
     ("checkpoint.keep_last", _ge(1)),
@@ -86,6 +90,7 @@ _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("train.param_dtype", PARAM_DTYPES),
     ("optimizer.ns_dtype", PARAM_DTYPES),
     ("train.on_nonfinite", ("stop", "skip")),
+    ("checkpoint.resume", ("same", "changed")),
 )
 
 _NON_EMPTY = ("data.tokenizer", "logging.run_root", "logging.wandb_project")
@@ -115,6 +120,8 @@ def validate(cfg: JobConfig, source: str) -> None:
     _check_parallel(cfg, source)
     _check_optimizer(cfg, source)
     _check_positions(cfg, source)
+    _check_data(cfg, source)
+    _check_offload_budget(cfg, source)
     # With dp null the world size decides dp at launch (`validate_world`); every dp >= 1 needs
     # the batch to split over the EP ranks at least, so that much is checked now.
     if cfg.parallel.dp is None:
@@ -187,17 +194,27 @@ def _check_parallel(cfg: JobConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: model.num_experts ({m.num_experts}) must split evenly over parallel.ep "
             f"({p.ep}) so every EP rank holds the same experts; the nearest ep that fits is {nearest}.")
-    if m.num_layers < p.pp * p.vp:
+    # The last stage may hold only the head and the loss (parallel/stage_split.py).
+    if m.num_layers < p.pp * p.vp - 1:
         raise ConfigError(
             f"{source}: model.num_layers ({m.num_layers}) cannot fill parallel.pp {p.pp} x "
-            f"parallel.vp {p.vp} = {p.pp * p.vp} pipeline stages; each stage needs a layer.")
+            f"parallel.vp {p.vp} = {p.pp * p.vp} pipeline stages; each stage but the last needs a layer.")
     if p.stage_layers is not None:
         counts = list(p.stage_layers)
-        if len(counts) != p.pp * p.vp or min(counts) < 1 or sum(counts) != m.num_layers:
+        if (len(counts) != p.pp * p.vp or min(counts) < 0 or min(counts[:-1], default=1) < 1
+                or sum(counts) != m.num_layers):
             raise ConfigError(
                 f"{source}: parallel.stage_layers {counts} must give each of the parallel.pp {p.pp} x "
-                f"parallel.vp {p.vp} = {p.pp * p.vp} stages at least one layer and add up to "
-                f"model.num_layers {m.num_layers}.")
+                f"parallel.vp {p.vp} = {p.pp * p.vp} stages at least one layer (the last may hold only the head) "
+                f"and add up to model.num_layers {m.num_layers}.")
+
+
+def _check_offload_budget(cfg: JobConfig, source: str) -> None:
+    budget = cfg.memory.activation_offload_budget_gib
+    # Without memory.activation_offload the budget has nothing to bound (everything stays).
+    if budget is not None and budget < 0:
+        raise ConfigError(f"{source}: memory.activation_offload_budget_gib must be at least 0 GiB or null, "
+                          f"got {budget!r}.")
 
 
 def _check_optimizer(cfg: JobConfig, source: str) -> None:
@@ -222,6 +239,46 @@ def _check_positions(cfg: JobConfig, source: str) -> None:
                 f"model.yarn.original_max_position_embeddings "
                 f"({m.yarn.original_max_position_embeddings}) x model.yarn.factor "
                 f"({m.yarn.factor!r}) = {limit}.")
+
+
+def mixture_name(entry: MixtureEntry) -> str:
+    """The name a mixture dataset is shown by: its `name`, else the last component of its prefix."""
+    return entry.name or entry.prefix.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _check_data(cfg: JobConfig, source: str) -> None:
+    """A mixture replaces `prefix`; its weights are positive, its names distinct; validation needs data."""
+    d = cfg.data
+    if d.mixture and d.prefix:
+        raise ConfigError(
+            f"{source}: data.prefix ({d.prefix!r}) and data.mixture are both set; give the one dataset as a "
+            f"mixture entry or drop the mixture.")
+    if d.mixture and d.valid_prefix:
+        raise ConfigError(
+            f"{source}: data.valid_prefix ({d.valid_prefix!r}) is for the single data.prefix; give each "
+            f"data.mixture entry its own valid_prefix.")
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(d.mixture):
+        where = f"data.mixture[{index}]"
+        if not entry.prefix:
+            raise ConfigError(f"{source}: {where} has no prefix; each mixture dataset is a .bin/.idx prefix.")
+        name = mixture_name(entry)
+        if not (entry.weight > 0 and math.isfinite(entry.weight)):
+            raise ConfigError(
+                f"{source}: {where} (dataset {name!r}) has weight {entry.weight!r}; weights must be positive "
+                f"finite numbers.")
+        if name in seen:
+            raise ConfigError(
+                f"{source}: {where} and data.mixture[{seen[name]}] are both named {name!r}; give them "
+                f"distinct names (the metrics report each dataset's share by name).")
+        seen[name] = index
+    if cfg.train.eval_every and not d.valid_fraction:
+        lacking = ([f"dataset {mixture_name(e)!r}" for e in d.mixture if not e.valid_prefix] if d.mixture
+                   else ([] if d.valid_prefix else ["the dataset"]))
+        if lacking:
+            raise ConfigError(
+                f"{source}: train.eval_every ({cfg.train.eval_every}) needs held-out data, but "
+                f"{', '.join(lacking)} has no valid_prefix and data.valid_fraction is 0.")
 
 
 def sequence_ranks(parallel: ParallelConfig, dp: int) -> int:

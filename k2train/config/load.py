@@ -252,7 +252,7 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
-        items = _SCALAR_NAMES[args[0]][1]
+        items = "mappings" if dataclasses.is_dataclass(args[0]) else _SCALAR_NAMES[args[0]][1]
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {items}"
         return f"a list of {len(args)} {items}"

@@ -124,6 +124,10 @@ class MemoryConfig:
     fp8_activations: bool = False
     selective_recompute: bool = False
     activation_offload: bool = False
+    # With activation_offload: the GiB of floating-point saved activations a pipeline rank keeps on
+    # the device; only the micro-batches whose backward comes last go to host (parallel/offload_budget.py).
+    # null: every micro-batch goes to host. Without activation_offload it has no effect.
+    activation_offload_budget_gib: float | None = None
     # The owners' master weights and optimizer states live in host memory and reach the device a
     # chunk at a time for the update (K2_REFERENCE §3: with few nodes, optimizer states go to CPU).
     optimizer_offload: bool = False
@@ -137,15 +141,34 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class MixtureEntry:
+    """One dataset of a weighted mixture (`data.mixture`)."""
+
+    prefix: str = ""
+    # Relative share of the sequences drawn (the weights need not add up to 1).
+    weight: float = 1.0
+    # Shown in the metrics' realised shares; "" names it by the prefix's last path component.
+    name: str = ""
+    # A separate held-out .bin/.idx for validation; "" holds out data.valid_fraction of this one.
+    valid_prefix: str = ""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Pre-tokenised Megatron indexed data (.bin + .idx), or the embedded default corpus."""
 
-    # Path prefix of a .bin/.idx pair; "" uses the embedded default corpus.
+    # Path prefix of a .bin/.idx pair; "" with no mixture uses the embedded default corpus.
     prefix: str = ""
+    # A weighted mixture of datasets instead of one prefix (k2train/data/mixture.py).
+    mixture: tuple[MixtureEntry, ...] = ()
     seq_len: int = 64
     seed: int = 1234
-    # Used only to prepare the default corpus: "byte" or a path to a HF tokenizer.json.
+    # Used only to prepare the default corpus: "byte", a HF tokenizer.json, or a tiktoken BPE file.
     tokenizer: str = "byte"
+    # Validation data of the single dataset: a separate .bin/.idx prefix ("" for none) ...
+    valid_prefix: str = ""
+    # ... or the fraction of each dataset's documents (its last ones) held out of training.
+    valid_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -163,8 +186,14 @@ class TrainConfig:
     # A NaN/inf loss or gradient norm: "stop" (after checkpointing the last good state, when
     # checkpoints are on) or "skip" (drop the step's update and go on).
     on_nonfinite: str = "stop"
+    # With on_nonfinite "skip": stop after this many non-finite steps in a row.
+    max_skipped_steps: int = 10
     # Log a loss spike when a step's loss exceeds this factor times the mean of the previous 10; 0: off.
     loss_spike_factor: float = 1.5
+    # A validation loss every this many steps and after the last; 0: never.
+    eval_every: int = 0
+    # Batches of global_batch_tokens held-out tokens per validation: the same ones every time.
+    eval_batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -176,6 +205,18 @@ class CheckpointConfig:
     every_steps: int = 0
     keep_last: int = 3
     async_save: bool = False
+    # Resume under another optimizer/data/train config than the checkpoint's: "same" refuses, naming
+    # what changed; "changed" continues the run's lineage under the new values.
+    resume: str = "same"
+    # Take the directory's lock from another run that k2train cannot prove gone (another host).
+    take_over: bool = False
+    # When the newest checkpoint is unreadable, resume from the newest intact one (else stop and name it).
+    fallback: bool = False
+    # On SIGTERM / SIGINT, write a checkpoint before exiting (when checkpoints are on).
+    save_on_signal: bool = True
+    # Read a checkpoint that has no JSON index through DCP's pickled `.metadata` (it can run code;
+    # set by `--trust-checkpoint`).
+    trust_pickle_metadata: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,28 @@ Inputs are plain text files (each file is one document) or JSONL files (suffix `
 non-blank line one JSON object whose `jsonl_key` string is a document). Every document is
 tokenized and followed by the tokenizer's end-of-document id, so the flat token stream the
 sampler reads has a boundary marker between documents, as Megatron's `preprocess_data --append-eod`.
+
+Real corpora are large, so tokenizing runs in `workers` processes (each loads the tokenizer once
+and encodes batches of documents; results come back in input order, so the output does not depend
+on the worker count), with a progress bar on stderr. The .bin and .idx are written aside and
+renamed into place (`IndexedDatasetWriter`): a crash leaves no half-written prefix.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
+import multiprocessing
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from k2train.data.errors import DataError
 from k2train.data.indexed import IndexedDatasetWriter
@@ -23,6 +33,8 @@ from k2train.data.tokenizer import BYTE_SPEC, Tokenizer, load_tokenizer
 
 # megatron.core.datasets.indexed_dataset.DType.optimal_dtype uses uint16 below this vocab size.
 UINT16_VOCAB_LIMIT = 65500
+# Documents a worker encodes per task: few enough round trips, small enough to keep all busy.
+WORKER_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -73,35 +85,72 @@ def iter_documents(inputs: Iterable[Path], jsonl_key: str = "text") -> Iterator[
             raise DataError(f"input file {path} is not UTF-8 text: {exc}.") from exc
 
 
-def write_documents(documents: Iterable[str], output_prefix: str | os.PathLike,
-                    tokenizer: Tokenizer) -> PrepareSummary:
-    """Tokenize `documents`, append the end-of-document id to each, and write an indexed dataset."""
+def write_documents(documents: Iterable[str], output_prefix: str | os.PathLike, tokenizer: Tokenizer,
+                    spec: str | None = None, workers: int = 1, progress: bool = False) -> PrepareSummary:
+    """Tokenize `documents`, append the end-of-document id to each, and write an indexed dataset.
+
+    With `workers` > 1, worker processes load the tokenizer of `spec` and encode in parallel."""
     dtype = token_dtype(tokenizer.vocab_size)
     count = skipped = 0
-    with IndexedDatasetWriter(output_prefix, dtype) as writer:
-        for text in documents:
-            if not text:
+    bar = tqdm(disable=not progress, unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    with IndexedDatasetWriter(output_prefix, dtype) as writer, bar:
+        for ids in _encoded(documents, tokenizer, spec, workers):
+            if ids is None:
                 skipped += 1
                 continue
-            ids = tokenizer.encode(text)
-            ids.append(tokenizer.eod_id)
-            writer.add_document(np.asarray(ids, dtype=np.int64))
+            writer.add_document(ids)
             count += 1
+            bar.update(1)
+            bar.set_postfix(tokens=writer.num_tokens, refresh=False)
     return PrepareSummary(str(output_prefix), count, writer.num_tokens, dtype.name, skipped)
 
 
-def prepare_dataset(inputs: list[Path], output_prefix: str | os.PathLike,
-                    tokenizer_spec: str = BYTE_SPEC, jsonl_key: str = "text") -> PrepareSummary:
+def _encode_batch(texts: list[str], tokenizer: Tokenizer) -> list[np.ndarray | None]:
+    """Each text's ids followed by the end-of-document id; None for an empty text."""
+    return [np.asarray([*tokenizer.encode(text), tokenizer.eod_id], dtype=np.int64) if text else None
+            for text in texts]
+
+
+@functools.cache
+def _worker_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer of `spec`, loaded once per worker process."""
+    return load_tokenizer(spec)
+
+
+def _worker_batch(spec: str, texts: list[str]) -> list[np.ndarray | None]:
+    return _encode_batch(texts, _worker_tokenizer(spec))
+
+
+def _encoded(documents: Iterable[str], tokenizer: Tokenizer, spec: str | None, workers: int):
+    batches = iter(lambda it=iter(documents): list(itertools.islice(it, WORKER_BATCH)), [])
+    if workers <= 1 or spec is None:
+        for batch in batches:
+            yield from _encode_batch(batch, tokenizer)
+        return
+    # Windows of a few batches per worker: Pool.imap would read the whole corpus into its queue.
+    windows = iter(lambda: list(itertools.islice(batches, 4 * workers)), [])
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for window in windows:
+            for encoded in pool.imap(functools.partial(_worker_batch, spec), window):
+                yield from encoded
+
+
+def prepare_dataset(inputs: list[Path], output_prefix: str | os.PathLike, tokenizer_spec: str = BYTE_SPEC,
+                    jsonl_key: str = "text", workers: int = 1, progress: bool = False) -> PrepareSummary:
     """Turn text and JSONL files into `output_prefix`.bin/.idx with the tokenizer of `tokenizer_spec`."""
     if not inputs:
         raise DataError("no input files were given to prepare.")
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}.")
     tokenizer = load_tokenizer(tokenizer_spec)
-    return write_documents(iter_documents(inputs, jsonl_key), output_prefix, tokenizer)
+    return write_documents(iter_documents(inputs, jsonl_key), output_prefix, tokenizer, tokenizer_spec,
+                           workers, progress)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Handler of `k2train data prepare`; prints what was written and returns the exit status."""
-    summary = prepare_dataset([Path(p) for p in args.input], args.output, args.tokenizer, args.jsonl_key)
+    summary = prepare_dataset([Path(p) for p in args.input], args.output, args.tokenizer, args.jsonl_key,
+                              args.workers, progress=not args.no_progress)
     skipped = f", {summary.skipped_empty} empty documents skipped" if summary.skipped_empty else ""
     documents = f"{summary.documents} document{'' if summary.documents == 1 else 's'}"
     print(f"wrote {summary.prefix}.bin and {summary.prefix}.idx: {documents}, "
@@ -121,7 +170,11 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     prepare.add_argument("--output", required=True, metavar="PREFIX",
                          help="writes PREFIX.bin and PREFIX.idx")
     prepare.add_argument("--tokenizer", default=BYTE_SPEC, metavar="byte|PATH",
-                         help="'byte' (built in, 257 ids) or the path of a HF tokenizer.json")
+                         help="'byte' (built in, 257 ids), a HF tokenizer.json, or a tiktoken BPE file such as "
+                              "Kimi K2's tiktoken.model (with its tokenizer_config.json beside it)")
     prepare.add_argument("--jsonl-key", default="text", help="the JSONL field holding the text")
+    prepare.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                         help="tokenizer processes (default: the CPU count, at most 8)")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     prepare.set_defaults(func=run_prepare)
     return data

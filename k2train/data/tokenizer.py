@@ -1,6 +1,7 @@
-"""Tokenizers: a built-in byte-level one and a wrapper around a local HF `tokenizer.json`.
+"""Tokenizers: a built-in byte-level one, a local HF `tokenizer.json`, or a tiktoken BPE file
+(Kimi K2's `tiktoken.model`, k2train/data/tiktoken_bpe.py).
 
-Both give `encode(text) -> list[int]` (no end-of-document token added: callers append `eod_id`
+All give `encode(text) -> list[int]` (no end-of-document token added: callers append `eod_id`
 between documents), `decode(ids) -> str`, `eod_id`, `vocab_size`, and `fingerprint`, a short
 string that changes whenever the mapping from text to ids can change (it names cached data).
 Nothing is downloaded: an HF tokenizer is only ever a file on disk.
@@ -61,7 +62,7 @@ class ByteTokenizer:
         return "".join(pieces)
 
 
-def _configured_eos(config_path: Path) -> str | None:
+def configured_eos(config_path: Path) -> str | None:
     """The `eos_token` of an HF tokenizer_config.json, if the file exists and names one."""
     if not config_path.is_file():
         return None
@@ -95,7 +96,7 @@ class HFTokenizer:
         self.fingerprint = f"hf-{digest}-eod{self.eod_id}"
 
     def _find_eod(self, eod_token: str | None) -> int:
-        configured = eod_token or _configured_eos(self.path.parent / "tokenizer_config.json")
+        configured = eod_token or configured_eos(self.path.parent / "tokenizer_config.json")
         candidates = (configured,) if configured else EOD_TOKEN_NAMES
         for name in candidates:
             token_id = self._tokenizer.token_to_id(name)
@@ -113,15 +114,20 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """"byte" for the byte tokenizer, else the path of a tokenizer.json (or a folder holding one)."""
+    """"byte" for the byte tokenizer, else the path of a tokenizer.json or a tiktoken BPE file, or
+    of a folder holding one (tokenizer.json first, then tiktoken.model)."""
+    from k2train.data.tiktoken_bpe import TIKTOKEN_FILE, TiktokenTokenizer, is_tiktoken_file
+
     if spec == BYTE_SPEC:
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = next((path / n for n in ("tokenizer.json", TIKTOKEN_FILE) if (path / n).is_file()), path / "tokenizer.json")
     if not path.is_file():
         raise DataError(
-            f"tokenizer {spec!r} is neither {BYTE_SPEC!r} nor an existing tokenizer.json file "
+            f"tokenizer {spec!r} is neither {BYTE_SPEC!r} nor an existing tokenizer.json or {TIKTOKEN_FILE} file "
             f"(data.tokenizer / --tokenizer)."
         )
+    if path.suffix != ".json" and is_tiktoken_file(path):
+        return TiktokenTokenizer(path)
     return HFTokenizer(path)

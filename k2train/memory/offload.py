@@ -46,19 +46,28 @@ class ActivationOffloader:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._pending: dict[object, list[_Offloaded]] = {}  # forward done, backward not begun
         self._order: list[object] = []
+        self.offloaded: set | None = None
         self.host_bytes = 0  # bytes copied to host this step
+        self.host_bytes_by_key: dict[object, int] = {}  # of them, per micro-batch key
         # What a step did, for reports and tests: groups in the order their fetch was issued, and
         # tensors whose backward needed them before any fetch (0 when the schedule order holds).
         self.fetched_groups: list[object] = []
         self.late_fetches = 0
 
-    def expect(self, order: Sequence[object]) -> None:
-        """The keys of this step's micro-batch backwards, in the order they will run."""
+    def expect(self, order: Sequence[object], offloaded: set | None = None) -> None:
+        """The keys of this step's micro-batch backwards, in the order they will run, and the keys
+        whose tensors go to host (None: all; parallel/offload_budget.py chooses under a budget)."""
         self._order = list(order)
+        self.offloaded = offloaded
         self._pending.clear()
         self.host_bytes = 0
+        self.host_bytes_by_key = {}
         self.fetched_groups.clear()
         self.late_fetches = 0
+
+    def takes(self, key: object) -> bool:
+        """Whether micro-batch `key`'s saved tensors go to host this step."""
+        return self.offloaded is None or key in self.offloaded
 
     def begin_forward(self, key: object) -> None:
         self._pending[key] = []
@@ -80,6 +89,7 @@ class ActivationOffloader:
         handle = _Offloaded(host)
         self._pending.setdefault(key, []).append(handle)
         self.host_bytes += host.numel()
+        self.host_bytes_by_key[key] = self.host_bytes_by_key.get(key, 0) + host.numel()
         return handle
 
     # -- backward: host -> device ------------------------------------------------------------
@@ -88,14 +98,16 @@ class ActivationOffloader:
         """Fetch `key`'s tensors (unless prefetched) and prefetch the next backward's."""
         self._fetch_group(key)
         if key in self._order:
-            position = self._order.index(key)
-            if position + 1 < len(self._order):
-                self._fetch_group(self._order[position + 1])
+            # The next backward in schedule order whose tensors are on the host (under a budget,
+            # the micro-batches kept on the device are skipped).
+            later = [k for k in self._order[self._order.index(key) + 1:] if self.takes(k)]
+            if later:
+                self._fetch_group(later[0])
 
     def _fetch_group(self, key: object) -> None:
         # A group leaves _pending once its fetch is issued; the handles live on in the autograd
         # graph, which frees them (and their device copies) as the backward consumes them.
-        if key not in self._pending:
+        if key not in self._pending or not self.takes(key):
             return
         self.fetched_groups.append(key)
         for handle in self._pending.pop(key):

@@ -162,7 +162,7 @@ class SavedActivations:
         if skey in self._live:
             return t
         self._held.append(t)
-        offload = self.offloader is not None and offloadable(t)
+        offload = self.offloader is not None and offloadable(t) and self.offloader.takes(self._key)
         if skey not in self._seen:
             self.bytes.add(self.scopes.current, OFFLOADED if offload else DEVICE, t.untyped_storage().nbytes())
         self._seen.add(skey)

@@ -28,8 +28,7 @@ from tqdm import tqdm
 from k2train.config.load import config_to_dict, dump_config, save_config
 from k2train.config.schema import JobConfig
 from k2train.data.default_corpus import default_corpus_prefix
-from k2train.data.indexed import IndexedDataset
-from k2train.data.sampler import SequenceSampler
+from k2train.data.mixture import build_samplers
 from k2train.model import count_parameters
 from k2train.optim.schedule import lr_at
 from k2train.train.metrics import MetricsLog, read_metrics
@@ -59,7 +58,15 @@ class StepRunner(Protocol):
 
     start_step: int  # steps already taken (a resumed run starts after its checkpoint)
 
+    sampler: object  # the training data's sampler (a mixture reports its realised shares)
+
     def end_of_step(self, step: int, last: bool) -> None: ...  # checkpoints
+
+
+class Evaluation(Protocol):
+    """The validation loss of the model as it is (implemented by parallel.evaluate.Evaluator)."""
+
+    def evaluate(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -81,23 +88,31 @@ def make_run_dir(cfg: JobConfig, resumed_from: int = 0) -> Path:
 
 
 def data_prefix(cfg: JobConfig) -> str:
-    """The dataset prefix of the run: data.prefix, or the embedded default corpus (prepared on first use)."""
+    """The dataset prefix of the run: data.prefix, the embedded default corpus (prepared on first
+    use), or "" for a mixture (which names its own prefixes)."""
+    if cfg.data.mixture:
+        return ""
     return cfg.data.prefix or default_corpus_prefix(cfg.data.tokenizer)
 
 
-def open_sampler(cfg: JobConfig, prefix: str) -> SequenceSampler:
-    dataset = IndexedDataset(prefix)
-    dataset.check_vocab(cfg.model.vocab_size)
-    return SequenceSampler(dataset, cfg.data.seq_len, cfg.data.seed)
+def open_samplers(cfg: JobConfig, prefix: str):
+    """(training sampler, validation sampler or None); `prefix` is the single dataset's (`data_prefix`)."""
+    return build_samplers(cfg.data, cfg.model.vocab_size, prefix)
 
 
-def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_rank: bool) -> RunResult:
+def open_sampler(cfg: JobConfig, prefix: str):
+    return open_samplers(cfg, prefix)[0]
+
+
+def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_rank: bool,
+          evaluation: Evaluation | None = None) -> RunResult:
     """Run `cfg` to the end with `runner`. `layout` (world_size, pp, vp, ep, dp) goes to the metrics.
+    With `evaluation`, the validation loss is taken every train.eval_every steps and after the last.
 
     Raises NonFiniteLossError on a NaN/inf loss or gradient norm, after writing what was good.
     """
     if not logging_rank:
-        return RunResult(None, _run_steps(cfg, runner, None))
+        return RunResult(None, _run_steps(cfg, runner, None, evaluation))
     run_dir = make_run_dir(cfg, runner.start_step)
     print(f"k2train: run directory {run_dir}")
     print(dump_config(cfg), end="")
@@ -112,7 +127,7 @@ def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_ra
         config=config_to_dict(cfg), run_name=run_dir.name,
     ) as log:
         try:
-            last = _run_steps(cfg, runner, log)
+            last = _run_steps(cfg, runner, log, evaluation)
         except NonFiniteLossError:
             log.close(failed=True)
             _finish(cfg, run_dir)  # the plots and summary of the steps that were good
@@ -121,7 +136,7 @@ def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_ra
     return RunResult(run_dir, last)
 
 
-def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> float:
+def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evaluation: Evaluation | None = None) -> float:
     tokens_per_step = cfg.train.global_batch_tokens
     bar = tqdm(
         total=cfg.train.steps, disable=log is None or not cfg.logging.progress_bar, unit="step",
@@ -132,6 +147,7 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
     loss = float("nan")
     tau = cfg.optimizer.qk_clip_tau if cfg.optimizer.qk_clip else None
     spikes = SpikeWatch(cfg.train.loss_spike_factor)
+    skipped_in_row, skipped = 0, 0
     bar.update(runner.start_step)
     for step in range(runner.start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
@@ -140,10 +156,12 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
         loss = result.loss
         grad_norm = runner.clip_gradients(cfg.optimizer.max_grad_norm)
         finite = bool(torch.isfinite(torch.tensor([loss, grad_norm])).all())
-        if not finite and cfg.train.on_nonfinite == "stop":
+        skipped_in_row = 0 if finite else skipped_in_row + 1
+        skipped += not finite
+        if not finite and (cfg.train.on_nonfinite == "stop" or skipped_in_row > cfg.train.max_skipped_steps):
             bar.close()
             runner.save_last_good(step - 1)
-            raise NonFiniteLossError(format_nonfinite_stop(step, last_good))
+            raise NonFiniteLossError(format_nonfinite_stop(step, last_good, skipped_in_row - 1, skipped - 1))
         if finite:
             runner.optimizer_step(lr, result.max_logits_LH)  # QK-Clip is part of the step (K2 Algorithm 1)
             runner.update_router_biases(result.counts_ME)
@@ -162,9 +180,10 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
             router_bias_abs_mean=runner.router_bias_means(), elapsed=time.perf_counter() - started,
         )
         record.update(skipped=not finite, loss_spike=spike)
+        record.update(_data_records(cfg, runner, evaluation, step))
         if finite:
             last_good = record
-        if log is not None and (step % cfg.logging.log_every == 0 or step == cfg.train.steps):
+        if log is not None and (step % cfg.logging.log_every == 0 or step == cfg.train.steps or "val_loss" in record):
             log.log_step(record)
             if not cfg.logging.progress_bar:  # cluster logs: one line per logged step instead of a bar
                 print(_step_line(record, cfg.train.steps), flush=True)
@@ -172,7 +191,22 @@ def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None) -> fl
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
     bar.close()
+    if skipped and log is not None:
+        print(f"k2train: {skipped} of {cfg.train.steps - runner.start_step} steps were skipped for a non-finite "
+              "loss or gradient norm (train.on_nonfinite=skip)", flush=True)
     return loss
+
+
+def _data_records(cfg: JobConfig, runner: StepRunner, evaluation: Evaluation | None, step: int) -> dict:
+    """The realised mixture shares, and the validation loss on the steps that take one."""
+    records = {}
+    shares = getattr(runner.sampler, "shares", None)
+    if shares is not None:
+        records["data_share"] = shares()
+    every = cfg.train.eval_every
+    if evaluation is not None and every and (step % every == 0 or step == cfg.train.steps):
+        records["val_loss"] = evaluation.evaluate()
+    return records
 
 
 class SpikeWatch:
@@ -194,8 +228,9 @@ class SpikeWatch:
 
 def _step_line(record: dict, steps: int) -> str:
     clipped = sum(record["qk_clipped_heads"])
+    val = f"  val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
     return (
-        f"step {record['step']}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
+        f"step {record['step']}/{steps}  loss {record['loss']:.4f}{val}  lr {record['lr']:.3e}  "
         f"grad norm {record['grad_norm']:.3f}  max logit {max(record['max_logit_layer']):.2f}"
         f"{f'  qk-clipped {clipped}' if clipped else ''}  {record['tokens_per_s']:.0f} tokens/s"
     )

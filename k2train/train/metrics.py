@@ -36,8 +36,10 @@ STEP_KEYS = (
     "max_logit_layer", "qk_clipped_heads", "expert_load", "expert_load_imbalance",
     "router_bias_abs_mean",
 )
-# Optional step key: seconds since the run started, used for the summary's wall time.
-OPTIONAL_STEP_KEYS = ("elapsed_s",)
+# Optional step keys: seconds since the run started (the summary's wall time); the validation loss
+# (steps that take one, train.eval_every); {dataset name: realised share of the sequences drawn so
+# far} (data.mixture runs).
+OPTIONAL_STEP_KEYS = ("elapsed_s", "val_loss", "data_share")
 
 _FLOAT_TO_STR = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _STR_TO_FLOAT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -58,6 +60,10 @@ def moe_layer_ids(record: dict[str, Any]) -> list[int]:
 def wandb_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The scalars of a step record that go to wandb; the big nested lists stay in the JSONL."""
     scalars = {key: record[key] for key in _WANDB_SCALARS}
+    if "val_loss" in record:
+        scalars["val_loss"] = record["val_loss"]
+    for name, share in record.get("data_share", {}).items():
+        scalars[f"data_share/{name}"] = share
     for layer, value in enumerate(record["max_logit_layer"]):
         scalars[f"max_logit/layer_{layer}"] = value
     for layer, count in enumerate(record["qk_clipped_heads"]):

@@ -61,8 +61,12 @@ def _loss_figure(name: str, steps: Sequence[dict[str, Any]]) -> Figure:
     x = [record["step"] for record in steps]
     marker = "o" if len(x) <= _MAX_MARKED_STEPS else None
     lines = ax.plot(x, _finite([r["loss"] for r in steps]), color="C0", marker=marker, label="loss")
+    evaluated = [r for r in steps if "val_loss" in r]
+    if evaluated:  # the held-out loss, on the steps that took one (train.eval_every)
+        lines += ax.plot([r["step"] for r in evaluated], _finite([r["val_loss"] for r in evaluated]),
+                         color="C2", marker="s", label="validation loss")
     _step_axis(ax, x)
-    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_ylabel("loss (cross-entropy)" if evaluated else "training loss (cross-entropy)")
     lr_ax = ax.twinx()
     lr = _finite([r["lr"] for r in steps])
     lines += lr_ax.plot(x, lr, color="C1", ls="--", marker=marker, label="learning rate")
@@ -72,7 +76,8 @@ def _loss_figure(name: str, steps: Sequence[dict[str, Any]]) -> Figure:
     if bad is not None:
         lines.append(ax.axvline(bad, color="red", ls=":", label=f"non-finite loss at step {bad}"))
     fig.legend(handles=lines, loc="outside lower center", ncols=len(lines), frameon=False)
-    ax.set_title(f"{name}: training loss and learning rate")
+    what = "training and validation loss" if evaluated else "training loss"
+    ax.set_title(f"{name}: {what} and learning rate")
     return fig
 
 

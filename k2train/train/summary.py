@@ -39,12 +39,17 @@ def format_summary(
     return "\n".join(_clip(line) for line in lines[:MAX_LINES])
 
 
-def format_nonfinite_stop(step: int, last_good: dict[str, Any] | None) -> str:
-    """The message for a run stopped because the loss of `step` is NaN or infinite."""
+def format_nonfinite_stop(step: int, last_good: dict[str, Any] | None, in_row: int = 0, skipped: int = 0) -> str:
+    """The message for a run stopped because the loss of `step` is NaN or infinite (under "skip":
+    after `in_row` skipped steps in a row, `skipped` in all)."""
     first = (
         f"Stopped at step {step}: the loss or gradient norm is not finite (NaN or inf); "
         "train.on_nonfinite is stop."
     )
+    if in_row:
+        first = (f"Stopped at step {step}: the loss or gradient norm is not finite (NaN or inf) for "
+                 f"{in_row + 1} steps in a row, more than train.max_skipped_steps={in_row}; {skipped} steps were "
+                 "skipped in all.")
     if last_good is None:
         return first + "\nNo earlier step had a finite loss."
     last = (
@@ -69,8 +74,24 @@ def _progress_lines(steps: Sequence[dict[str, Any]]) -> list[str]:
         f"steps: {last['step']}, tokens: {_human(last['tokens'])}, {_wall_time(steps)}",
         f"throughput: {_throughput(steps)}",
         loss_line,
+        *_data_lines(steps),
         f"lr: final {_num(last['lr'], '.3e')}; grad norm: final {_num(last['grad_norm'], '.4g')}",
     ]
+
+
+def _data_lines(steps: Sequence[dict[str, Any]]) -> list[str]:
+    """The validation loss (first -> last, best) and a mixture's realised shares, when the run has them."""
+    lines = []
+    evaluated = [(r["val_loss"], r["step"]) for r in steps if "val_loss" in r]
+    if evaluated:
+        (first, _), (final, final_step) = evaluated[0], evaluated[-1]
+        finite = [pair for pair in evaluated if math.isfinite(pair[0])]
+        best = f" (min {min(finite)[0]:.4f} at step {min(finite)[1]})" if finite else ""
+        lines.append(f"validation loss: {_num(first, '.4f')} -> {_num(final, '.4f')} at step {final_step}{best}")
+    shares = steps[-1].get("data_share")
+    if shares:
+        lines.append("data mixture drawn: " + ", ".join(f"{name} {share:.1%}" for name, share in shares.items()))
+    return lines
 
 
 def _wall_time(steps: Sequence[dict[str, Any]]) -> str:

@@ -52,20 +52,29 @@ def final_tensors(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in torch.load(out, weights_only=True).items() if not k.startswith("rng/")}
 
 
-def main() -> int:
+def start_until_checkpoint(tmp: Path, name: str, restarts: int, step: int) -> subprocess.Popen | None:
+    """An uninterrupted run into tmp/whole, then job `name` started and watched until its step-`step`
+    checkpoint exists; None (with its output printed) when it ends or stalls before."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(command(tmp, "whole", 0), check=True, env=env, capture_output=True)
+    job = subprocess.Popen(command(tmp, name, restarts), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    target = tmp / name / "ckpt" / f"step_{step:08d}"
+    deadline = time.time() + 300
+    while not target.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if job.poll() is not None or not target.exists():
+        print(job.stdout.read())
+        print(f"FAIL: the job ended or stalled before its step-{step} checkpoint; nothing was done to it")
+        return None
+    return job
+
+
+def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         tmp = Path(root)
-        subprocess.run(command(tmp, "whole", 0), check=True, env=env, capture_output=True)
-        job = subprocess.Popen(command(tmp, "faulted", 1), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-        target = tmp / "faulted" / "ckpt" / f"step_{KILL_AT:08d}"
-        deadline = time.time() + 300
-        while not target.exists() and job.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        if job.poll() is not None or not target.exists():
-            print(job.stdout.read())
-            print(f"FAIL: the job ended or stalled before its step-{KILL_AT} checkpoint; nothing was killed")
+        job = start_until_checkpoint(tmp, "faulted", 1, KILL_AT)
+        if job is None:
             return 1
         victim = workers_of(job.pid)[-1]
         os.kill(victim, signal.SIGKILL)
