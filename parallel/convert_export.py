@@ -18,12 +18,16 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from k2train.config.load import config_to_dict
 from k2train.config.schema import JobConfig
 from k2train.model.hf_names import hf_config_dict, hf_name_of_item, to_hf_name
 from parallel.checkpoint import MANIFEST, CheckpointError, Checkpointer, latest_checkpoint
 from parallel.checkpoint_metadata import checkpoint_reader
 
 INDEX = "model.safetensors.index.json"
+# A resumed run may change these (parallel/checkpoint.RESUMABLE_MODEL_FIELDS: K2's long-context
+# stage); config.json carries them, so an export must write the checkpoint's own.
+POSITION_FIELDS = ("rope_theta", "yarn")
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
@@ -120,7 +124,13 @@ def export_hf(cfg: JobConfig, checkpoint: Path, out: Path, shard_bytes: int = 4 
     if path is None:
         raise CheckpointError(f"{checkpoint} holds no checkpoint ({MANIFEST} or a `latest` pointer).")
     # Every file's sha256 and the model config the checkpoint was saved with, before anything is read.
-    Checkpointer(cfg, path.parent, rank=0, distributed=False).verify(path)
+    manifest = Checkpointer(cfg, path.parent, rank=0, distributed=False).verify(path)
+    ours = config_to_dict(cfg.model)
+    for key in POSITION_FIELDS:
+        if manifest["model"].get(key) != ours[key]:
+            raise CheckpointError(
+                f"{path / MANIFEST} was saved with model.{key}={manifest['model'].get(key)!r}, but the config has "
+                f"model.{key}={ours[key]!r}; config.json would describe another model, so set the checkpoint's value.")
     trust = cfg.checkpoint.trust_pickle_metadata
     tensors = hf_tensors(path, trust)
     out.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def test_per_rank_import_under_pp2_ep2_dp2_equals_the_single_process_import(tmp_
 transformers = pytest.importorskip("transformers")
 
 
-def test_from_the_released_weights_to_a_checkpoint_and_back_to_hf(tmp_path):
+def test_from_the_released_weights_to_a_checkpoint_and_back_to_hf(tmp_path, capsys):
     """The README's sequence on a K2-shaped model in the release's format: FP8 shards with scales,
     index, config.json -> checkpoint -> bf16 HF directory that transformers loads, same logits."""
     from k2train.model.hf_names import to_hf_state_dict
@@ -98,6 +98,11 @@ def test_from_the_released_weights_to_a_checkpoint_and_back_to_hf(tmp_path):
     assert not (tmp_path / "ckpt").exists()
     assert main(["convert", "--config", str(TINY), *_sets(*ONE, bf16, yarn), "--from-hf",
                  str(tmp_path / "Kimi-K2-Base"), "--out", str(tmp_path / "ckpt")]) == 0
+    # Exporting it under the plain-RoPE config would write a config.json of another model: refused.
+    assert main(["convert", "--config", str(TINY), *_sets(*ONE, bf16), "--from-checkpoint", str(tmp_path / "ckpt"),
+                 "--out", str(tmp_path / "hf-plain")]) == 2
+    assert "was saved with model.yarn={'factor': 4.0" in capsys.readouterr().err
+    assert not (tmp_path / "hf-plain").exists()
     assert main(["convert", "--config", str(TINY), *_sets(*ONE, bf16, yarn), "--from-checkpoint", str(tmp_path / "ckpt"),
                  "--out", str(tmp_path / "hf-bf16"), "--shard-mb", "0.1", "--working-set-mb", "0.05"]) == 0
     assert len(list((tmp_path / "hf-bf16").glob("model-*-of-*.safetensors"))) > 1
