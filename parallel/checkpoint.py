@@ -173,8 +173,13 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------------
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], sampler: dict, layout: dict) -> None:
-        """Write the checkpoint of `step` (asynchronously with checkpoint.async_save)."""
+    def save(self, step: int, tensors: dict[str, torch.Tensor], sampler: dict, layout: dict,
+             planner: dcp.SavePlanner | None = None, file_per_tensor: bool = False) -> None:
+        """Write the checkpoint of `step` (asynchronously with checkpoint.async_save).
+
+        `planner` and `file_per_tensor` serve streaming conversion (`parallel/convert_import.py`):
+        a planner that reads each tensor only when it is written, one file each, so no file
+        gathers more than one tensor in memory."""
         self.wait()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -185,11 +190,12 @@ class Checkpointer:
                         adamw_block_elements=self.cfg.optimizer.adamw_block_elements, lineage=self.lineage)
         state = {**tensors, f"rng/rank{self.rank}": torch.get_rng_state()}
         try:
+            writer = JsonWriter(str(partial), single_file_per_rank=not file_per_tensor)
             if self.cfg.checkpoint.async_save:
-                future = dcp.async_save(state, storage_writer=JsonWriter(str(partial)), no_dist=not self.distributed)
+                future = dcp.async_save(state, storage_writer=writer, planner=planner, no_dist=not self.distributed)
                 self.pending = (future, partial, manifest)
             else:
-                dcp.save(state, storage_writer=JsonWriter(str(partial)), no_dist=not self.distributed)
+                dcp.save(state, storage_writer=writer, planner=planner, no_dist=not self.distributed)
                 self._publish(partial, manifest)
         except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             self._failed(err, partial)

@@ -1,31 +1,34 @@
 """`k2train convert`: this project's checkpoints <-> HF safetensors in the DeepseekV3 layout of Kimi-K2.
 
-Export reads the model tensors of a checkpoint (any layout: the keys are logical) into one whole
-model and writes sharded `model-0000i-of-0000N.safetensors` files, `model.safetensors.index.json`
-and a DeepseekV3 `config.json` that `transformers.DeepseekV3ForCausalLM.from_pretrained` loads.
-Import reads safetensors (never a pickle) and writes a step-0 checkpoint holding the model only: a
-run resumed from it starts the optimizer fresh from those weights. Names are mapped by
-`k2train.model.hf_names`, the one place that knows both layouts.
+Both directions stream, tensor by tensor, so memory does not grow with the model (a 1T model
+converts on ordinary hosts). Export (`parallel/convert_export.py`) reads the model tensors of a
+checkpoint (any layout: the keys are logical) and writes sharded `model-0000i-of-0000N.safetensors`
+files, `model.safetensors.index.json` and a DeepseekV3 `config.json` that
+`transformers.DeepseekV3ForCausalLM.from_pretrained` loads. Import (`parallel/convert_import.py`)
+reads safetensors (never a pickle; bf16/fp16/fp32, or the released FP8 block weights with their
+scales) and writes a step-0 checkpoint holding the model only: a run resumed from it starts the
+optimizer fresh from those weights. Under torchrun or Slurm every rank imports the keys it owns
+under the config's layout. The HF config.json is compared field by field first
+(`parallel/hf_config_check.py`). Names are mapped by `k2train.model.hf_names`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+import torch.distributed as dist
 
 from k2train.config.load import load_config
-from k2train.config.schema import JobConfig, ModelConfig
+from k2train.config.schema import JobConfig
 from k2train.model import K2Model
-from k2train.model.hf_names import from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from parallel.checkpoint import MANIFEST, CheckpointError, Checkpointer, latest_checkpoint, router_bias_key
+from parallel.convert_export import INDEX, export_hf
+from parallel.convert_import import import_hf
 from parallel.ownership import item_places
-
-INDEX = "model.safetensors.index.json"
+from parallel.state import init_parallel, launch_env
+from parallel.trainer import layout_for
 
 
 def model_views(model: K2Model, block_elements: int) -> dict[str, torch.Tensor]:
@@ -53,90 +56,6 @@ def load_whole_model(cfg: JobConfig, checkpoint: Path) -> K2Model:
     return model
 
 
-def export_hf(model: K2Model, out: Path, shard_bytes: int = 4 << 30) -> list[Path]:
-    """Write the model as sharded HF safetensors with an index and a DeepseekV3 config.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in to_hf_state_dict(model.state_dict()).items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        file = out / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(file), metadata={"format": "pt"})
-        files.append(file)
-        weight_map.update({name: file.name for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    config = hf_config_dict(model.cfg)
-    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    return files
-
-
-def read_hf(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a HF safetensors checkpoint (sharded with an index, or one model.safetensors)."""
-    index = directory / INDEX
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{directory} has neither {INDEX} nor model.safetensors.")
-    tensors = {}
-    for name in files:
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory / name} is listed in {index} but missing.")
-        with safe_open(str(directory / name), framework="pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
-
-
-# The fields that decide tensor shapes and routing; others (dtype, init, rope) do not change what loads.
-_ARCHITECTURE_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-    "first_k_dense_replace", "num_attention_heads", "n_routed_experts", "n_shared_experts",
-    "num_experts_per_tok", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-)
-
-
-def check_hf_config(directory: Path, cfg: ModelConfig) -> None:
-    """Refuse a HF checkpoint whose config.json describes another architecture, naming the field."""
-    path = directory / "config.json"
-    if not path.is_file():
-        return
-    theirs, ours = json.loads(path.read_text()), hf_config_dict(cfg)
-    for key in _ARCHITECTURE_KEYS:
-        if key in theirs and theirs[key] != ours[key]:
-            raise CheckpointError(f"{path} has {key}={theirs[key]!r}, but the config describes {key}={ours[key]!r}.")
-
-
-def import_hf(cfg: JobConfig, directory: Path, out: Path) -> Path:
-    """Write a step-0 checkpoint (model only) from HF safetensors; returns its directory."""
-    check_hf_config(directory, cfg.model)
-    model = K2Model(cfg.model, seed=cfg.train.seed)
-    state = from_hf_state_dict(read_hf(directory), cfg.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Layers past num_layers are multi-token-prediction modules (DeepSeek-V3 ships one); K2 has none.
-    unexpected = [k for k in unexpected if not k.startswith("layers.") or int(k.split(".")[1]) < cfg.model.num_layers]
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise CheckpointError(f"{directory} does not fit the config: {'missing' if missing else 'unexpected'} {first}.")
-    model.to(getattr(torch, cfg.train.param_dtype))
-    checkpointer = Checkpointer(cfg, out, rank=0, distributed=False)
-    checkpointer.lineage = {}  # imported weights: the first run that trains them starts the lineage
-    checkpointer.save(0, model_views(model, cfg.optimizer.adamw_block_elements), sampler={},
-                      layout={"world_size": 1, "source": str(directory)})
-    checkpointer.wait()
-    return latest_checkpoint(out)
-
-
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     convert = subparsers.add_parser("convert", help="convert between k2train checkpoints and HF safetensors")
     convert.add_argument("--config", required=True, metavar="FILE", help="the run's YAML config (its model section)")
@@ -148,6 +67,12 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                          help="read a checkpoint without dcp_metadata.json through its pickled .metadata (runs code)")
     convert.add_argument("--out", required=True, type=Path, metavar="DIR",
                          help="HF directory (from a checkpoint) or checkpoint root (from HF)")
+    convert.add_argument("--accept-hf-field", action="append", default=[], metavar="FIELD",
+                         help="convert although the HF config.json's FIELD differs from the config (repeatable)")
+    convert.add_argument("--working-set-mb", type=float, default=256.0, metavar="MB",
+                         help="export: most tensor bytes read from the checkpoint at once (default 256)")
+    convert.add_argument("--shard-mb", type=float, default=4096.0, metavar="MB",
+                         help="export: bytes per safetensors file (default 4096)")
     convert.set_defaults(func=run_convert)
     return convert
 
@@ -158,9 +83,23 @@ def run_convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"--out {args.out} is not an empty directory; convert writes only into a new or "
                               "empty one, so no checkpoint or export is overwritten or mixed with another.")
     if args.from_checkpoint is not None:
-        files = export_hf(load_whole_model(cfg, args.from_checkpoint), args.out)
+        files = export_hf(cfg, args.from_checkpoint, args.out, shard_bytes=int(args.shard_mb * 2**20),
+                          working_set_bytes=int(args.working_set_mb * 2**20))
         print(f"wrote {len(files)} safetensors file(s), {INDEX} and config.json to {args.out}")
+        return 0
+    env = launch_env()
+    accepted = tuple(args.accept_hf_field)
+    if env.world_size == 1:
+        path = import_hf(cfg, args.from_hf, args.out, accepted=accepted)
     else:
-        path = import_hf(cfg, args.from_hf, args.out)
-        print(f"wrote checkpoint {path}; train with --set checkpoint.dir={args.out} to start from it")
+        # Every rank of the launched layout writes the keys it owns (parallel/convert_import.py).
+        layout = layout_for(cfg, env.world_size)
+        init_parallel(layout, env, torch.device("cpu"))
+        try:
+            path = import_hf(cfg, args.from_hf, args.out, rank=env.rank, layout=layout, accepted=accepted)
+        finally:
+            dist.destroy_process_group()
+        if env.rank != 0:
+            return 0
+    print(f"wrote checkpoint {path}; train with --set checkpoint.dir={args.out} to start from it")
     return 0

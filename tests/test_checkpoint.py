@@ -124,6 +124,28 @@ def _reshard_source(tmp: Path) -> None:
         assert f"{state}/lm_head.weight[rows 480:512]" in keys and f"{state}/lm_head.weight" not in keys, state
 
 
+def test_a_per_rank_hf_import_writes_the_items_each_trainer_rank_owns(tmp):
+    """`convert --from-hf` as rank r of PP2xVP2xEP2xDP2 writes the items whose master weights the
+    trainer's rank r keeps: one ownership rule (cost-balanced stage split, ZeRO-1 owners, row
+    blocks) for both. Five layers: the balanced split is not the even one."""
+    from k2train.config.load import load_config
+    from parallel.checkpoint_metadata import METADATA_JSON
+    from parallel.convert_import import rank_targets
+    from parallel.trainer import layout_for
+
+    run(tmp, "owners", WIDE, 1, tmp / "c-owners", 8, BLOCKS, "model.num_layers=5")
+    index = json.loads((tmp / "c-owners" / "step_00000001" / METADATA_JSON).read_text())
+    owned: dict[int, set[str]] = {}
+    for entry in index["storage"]:
+        if entry["fqn"].startswith("optim/master/"):
+            owned.setdefault(int(entry["file"].split("_")[2]), set()).add(entry["fqn"].removeprefix("optim/master/"))
+    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", [*BASE, *WIDE, BLOCKS, "model.num_layers=5"])
+    layout = layout_for(cfg, 8)
+    for rank in range(8):
+        imported = {t.key.removeprefix("model/") for t in rank_targets(cfg, layout, rank) if t.key.startswith("model/")}
+        assert imported == owned[rank], rank
+
+
 def test_another_adamw_block_size_is_refused_by_name(tmp):
     """The keys of a large AdamW parameter follow optimizer.adamw_block_elements: another value names it."""
     from parallel.checkpoint import CheckpointError

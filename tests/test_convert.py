@@ -65,6 +65,7 @@ def test_checkpoint_to_hf_and_back(tmp_path):
 def test_an_hf_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"hidden_size": 128}))
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     assert main(["convert", "--config", str(TINY), *_sets(*ONE), "--from-hf", str(tmp_path / "hf"),
                  "--out", str(tmp_path / "out")]) == 2
     assert "has hidden_size=128, but the config describes hidden_size=64" in capsys.readouterr().err
@@ -76,6 +77,7 @@ def test_row_blocked_checkpoint_keys_are_the_trainers_and_round_trip(tmp_path):
     gives back every weight."""
     from k2train.config.load import load_config
     from k2train.model import K2Model
+    from parallel.checkpoint import Checkpointer
     from parallel.convert import export_hf, import_hf, load_whole_model, model_views
     from parallel.zero1 import ShardedMuonClip
 
@@ -89,7 +91,11 @@ def test_row_blocked_checkpoint_keys_are_the_trainers_and_round_trip(tmp_path):
     assert ours.keys() == theirs.keys() and "model/lm_head.weight[rows 480:512]" in ours
     for key, view in ours.items():  # the same storage: views of the model's parameters
         assert view.data_ptr() == theirs[key].data_ptr() and view.shape == theirs[key].shape, key
-    export_hf(model, tmp_path / "hf")
+    saver = Checkpointer(cfg, tmp_path / "saved", rank=0, distributed=False)
+    saver.save(0, model_views(model, cfg.optimizer.adamw_block_elements), sampler={}, layout={"world_size": 1})
+    saver.wait()
+    export_hf(cfg, tmp_path / "saved", tmp_path / "hf", shard_bytes=50_000, working_set_bytes=20_000)
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
     loaded = load_whole_model(cfg, import_hf(cfg, tmp_path / "hf", tmp_path / "ckpt"))
     for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(got, want), name

@@ -119,3 +119,25 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "initializer_range": cfg.init_std,
         "torch_dtype": "float32",
     }
+
+
+_ITEM_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts\.(?:gate_proj|up_proj|down_proj))\[(\d+)\]$")
+_ITEM_ROWS = re.compile(r"^(.+)\[rows (\d+):(\d+)\]$")
+
+
+def hf_name_of_item(key: str) -> tuple[str, tuple[int, int] | None]:
+    """An optimizer item key (`parallel/ownership.py`) -> (the checkpoint tensor holding it, its
+    [start, stop) rows there, or None for the whole tensor).
+
+    `layers.3.mlp.experts.up_proj[5]` -> model.layers.3.mlp.experts.5.up_proj.weight;
+    `embed_tokens.weight[rows 0:2340]` -> (model.embed_tokens.weight, (0, 2340)).
+    """
+    expert = _ITEM_EXPERT.match(key)
+    if expert is not None:
+        stack, index = expert.groups()
+        layer, proj = _EXPERT_STACK.match(stack).groups()
+        return f"model.layers.{layer}.mlp.experts.{index}.{proj}.weight", None
+    rows = _ITEM_ROWS.match(key)
+    if rows is not None:
+        return to_hf_name(rows.group(1)), (int(rows.group(2)), int(rows.group(3)))
+    return to_hf_name(key), None
