@@ -56,7 +56,9 @@ class AllToAllExchange:
         E_local = experts.num_local
         send_counts_RL = counts_E.view(self.ep_size, E_local).contiguous()
         recv_counts_RL = torch.empty_like(send_counts_RL)
-        all_to_all(recv_counts_RL, send_counts_RL, None, None, self.group, self.turns)  # counts first
+        # Counts first. They keep the turn: the exchange is tiny, and handing over here would set the
+        # other task's long segment beside it and the big exchanges beside short ones.
+        all_to_all(recv_counts_RL, send_counts_RL, None, None, self.group, None)
         # The exchange's one host sync: both split lists in one read-back.
         in_splits, out_splits = torch.stack([send_counts_RL.sum(dim=1), recv_counts_RL.sum(dim=1)]).tolist()
 
