@@ -1,16 +1,18 @@
 """Communication overlap (K2 §2.4): the expert all-to-all of one micro-batch in flight while another
 micro-batch computes.
 
-The paired order. Micro-batch m's forward runs beside micro-batch m-1's backward: one extra forward
-(micro-batch 0) warms up, then every step pairs forward m+1 with backward m, and backward M-1
-drains. `paired_order` is that order as a pure table; its test checks it is a valid schedule
-(every backward after its forward, forwards and backwards each in micro-batch order).
+The paired order (parallel/schedule_table.py `paired_order`, a pure table). With pp = 1, micro-batch
+m+1's forward runs beside micro-batch m's backward: one extra forward (micro-batch 0) warms up,
+then the pairs, then backward M-1 drains. With pp > 1 it is the interleaved 1F1B with one more
+warm-up forward per rank and its steady state in pairs.
 
 How a pair runs: two tasks taking turns (`Turns`). The forward runs in the calling thread and the
 backward (autograd) in a worker thread, but only the task holding the turn runs; the other waits.
 Each exchange is issued as an async collective (`async_op=True`; on NCCL it runs on the
 communicator's own stream), then the turn goes to the other task, and the exchange is waited on
-only when the turn comes back, where its result is needed. So one task's all-to-all is on the wire
+only when the turn comes back, where its result is needed (the tiny counts exchange keeps the turn:
+handing over there would set the other task's long segment beside it and the big exchanges beside
+short ones). So one task's all-to-all is on the wire
 while the other computes, and nothing runs concurrently on the host: no two threads compete for
 the GIL or the cores, and the order of every operation is the same on every rank and every run.
 Free-running threads were measured slower than no overlap on gloo; taking turns is what the

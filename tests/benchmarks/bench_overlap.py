@@ -35,8 +35,7 @@ NAMESPACE = "k2bench-overlap"
 QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=false"]
 # Longer sequences than the tiny config's default, so each exchange carries enough bytes to be
 # slowed by the shaped link; 8 micro-batches per data rank.
-# Wider than the tiny config too, so compute is in torch kernels (which release the GIL) rather than
-# in Python.
+# Wider than the tiny config too, so compute is mostly in torch kernels rather than in Python.
 SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
          "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512"]
 LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)": (2, 1, 2, 1),
