@@ -20,10 +20,10 @@ from k2train.config.schema import JobConfig
 from k2train.model import count_parameters
 from k2train.train.flops import flops_per_token
 from parallel.layout import Layout
-from parallel.plan_activations import ActivationSettings, Saved, stage_saved
+from parallel.plan_activations import ActivationSettings, Saved, stage_offloaded, stage_saved
 from parallel.plan_memory import (
     GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
-from parallel.offload_budget import budget_bytes, offloaded_keys
+from parallel.offload_budget import budget_bytes, keyed_ops, offloaded_keys
 from parallel.offload_budget import host_bytes as offload_host_bytes
 from parallel.plan_time import (
     Hardware, LinkTraffic, bubble, collective_seconds, link_seconds, stage_train_flops)
@@ -165,7 +165,7 @@ def _offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int)
     a = activation_settings(cfg, layout, default_attention(cfg), cfg.memory.fp8_activations,
                             cfg.memory.selective_recompute)
     last = layout.num_stages - 1
-    floating = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last).floating for s in layout.stage_indices(pp)}
+    floating = {s: stage_offloaded(cfg.model, a, split[s], s == 0, s == last) for s in layout.stage_indices(pp)}
     return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp), floating
 
 
@@ -186,8 +186,7 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     boundary = {s: (p * T * D if s > 0 else 0, p * T * (cfg.model.vocab_size if s == last else D)) for s in stages}
     features = {}
     for fp8, recompute, offload in FEATURES:
-        saved = {s: stage_saved(cfg.model, replace(a, fp8=fp8, recompute=recompute), split[s], s == 0, s == last)
-                 for s in stages}
+        saved = {s: _stage_saved(cfg, replace(a, fp8=fp8, recompute=recompute), split, s, offload) for s in stages}
         features[(fp8, recompute, offload)] = in_flight_peak(ops, saved, boundary, offload, prefetch=layout.pp > 1)
     configured = (cfg.memory.fp8_activations, cfg.memory.selective_recompute, cfg.memory.activation_offload)
     saved = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last) for s in stages}
@@ -200,10 +199,19 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     as_built, ideal = _memories(cfg, dense, expert, peak, buffers, p)
     compute_s = sum(m * T * stage_train_flops(cfg.model, a.seq, split[s], s == last, a.recompute, attention == "fused")
                     for s in stages) / (hw.peak_tflops * 1e12 * hw.efficiency)
-    traffic = _traffic(cfg, layout, hw, pp, m, split, saved, dense, expert, compute_s, p)
+    traffic = _traffic(cfg, layout, hw, pp, m, split, dense, expert, compute_s, p)
     update_s = sum(t.seconds for t in traffic if not t.overlapped)
     return RankPlan(pp, tuple(stages), tuple(split[s] for s in stages), dense.held, expert.held, dense, expert,
                     saved, features, buffers, as_built, ideal, compute_s, traffic, update_s, configured)
+
+
+def _stage_saved(cfg: JobConfig, a: ActivationSettings, split: list[range], stage: int, offload: bool) -> Saved:
+    """One micro-batch of `stage`; with offload its floating bytes are what the offloader copies."""
+    last = stage == len(split) - 1
+    saved = stage_saved(cfg.model, a, split[stage], stage == 0, last)
+    if offload:
+        saved = replace(saved, floating=stage_offloaded(cfg.model, a, split[stage], stage == 0, last))
+    return saved
 
 
 def _worst(group: GroupBuffers, offload: bool) -> tuple[int, int]:
@@ -241,8 +249,7 @@ def _memories(cfg: JobConfig, dense: GroupBuffers, expert: GroupBuffers, peak: I
 
 
 def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, split: list[range],
-             saved: dict[int, Saved], dense: GroupBuffers, expert: GroupBuffers, compute_s: float,
-             p: int) -> tuple[LinkTraffic, ...]:
+             dense: GroupBuffers, expert: GroupBuffers, compute_s: float, p: int) -> tuple[LinkTraffic, ...]:
     model = cfg.model
     T, D = cfg.train.micro_batch_size * cfg.data.seq_len, model.hidden_size
     stages = layout.stage_indices(pp)
@@ -252,9 +259,13 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
     ep_bytes = 4 * m * moe_layers * T * model.experts_per_token * D * p * (layout.ep - 1) // max(layout.ep, 1)
     sends = sum(m * p * T * D for s in stages if s < layout.num_stages - 1)
     sends += sum(m * p * T * D for s in stages if s > 0)
-    offloaded = sum(m * saved[s].floating for s in stages) if cfg.memory.activation_offload else 0
-    if cfg.memory.activation_offload and cfg.memory.activation_offload_budget_gib is not None:
-        offloaded = offload_host_bytes(budgeted_offload(cfg, layout, split, pp), {s: saved[s].floating for s in stages})
+    offloaded = 0
+    if cfg.memory.activation_offload:
+        ops, moved = _offload_inputs(cfg, layout, split, pp)
+        keys = {key for kind, key in keyed_ops(ops) if kind == "F"}
+        if cfg.memory.activation_offload_budget_gib is not None:
+            keys = budgeted_offload(cfg, layout, split, pp)
+        offloaded = offload_host_bytes(keys, moved)
     spans = _spans_nodes(layout)
     items = [
         ("EP all-to-all", ep_bytes, link_seconds(ep_bytes, local, hw), "NVLink + network" if 0 < local < 1 else

@@ -150,11 +150,12 @@ def in_flight_peak(ops: list[tuple[str, int]], saved: dict[int, Saved], boundary
     (`boundary[stage]` = (input, output) bytes), its backward frees them. Input gradients are freed
     once sent (torch's `stage_backward`), so they are not counted.
 
-    With offload the floating-point bytes wait in host memory. k2train/memory/offload.py brings a
+    With offload the floating-point bytes wait in host memory (`saved[s].floating`: what the
+    offloader copies, `plan_activations.stage_offloaded`). k2train/memory/offload.py brings a
     micro-batch's tensors back as one group when its backward begins and, with `prefetch` (a
     pipeline schedule, where the next backward's forward has run), the next backward's group too,
     K2 §2.4.3: one or two stage-micro-batches' worth are the device working set."""
-    kept = {s: saved[s].integer if offload else saved[s].total for s in saved}
+    kept = {s: saved[s].on_device if offload else saved[s].total for s in saved}
     per_forward = {s: kept[s] + boundary[s][0] + boundary[s][1] for s in saved}
     count = {s: 0 for s in saved}
     level = 0

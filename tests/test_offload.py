@@ -142,12 +142,14 @@ def test_pipeline_offload_matches_no_offload_and_fetches_in_schedule_order(sched
 
 def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
     """Under memory.activation_offload_budget_gib only the micro-batches whose backward comes last
-    go to host: the same bits as no offload, and each rank copies exactly the micro-batches the
-    plan chose (parallel/offload_budget.py), no more, no fewer."""
+    go to host: the same bits as no offload, each rank copies exactly the micro-batches the plan
+    chose (parallel/offload_budget.py), and the bytes it copies per step are the plan's, per rank,
+    with and without the budget (one sequence per micro-batch in FP32, as the brief's tiny run)."""
     from k2train.data.prepare import prepare_dataset
     from k2train.config.load import load_config
     from parallel.offload_budget import GiB, offloaded_keys
-    from parallel.plan import _offload_inputs
+    from parallel.plan import _offload_inputs, make_plan
+    from parallel.plan_time import HARDWARE
     from parallel.stage_split import choose_split
     from parallel.trainer import layout_for
     import json
@@ -155,12 +157,16 @@ def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
     data = tmp_path / "json"
     prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), data, "byte")
     base = ["model.num_layers=4", "model.num_experts=8", "data.seq_len=16", "train.micro_batch_size=1",
-            "train.global_batch_tokens=128", "parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1",
-            "memory.fp8_activations=true", "memory.selective_recompute=true"]
+            "train.global_batch_tokens=128", "parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1"]
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", base + ["memory.activation_offload=true"])
     layout = layout_for(cfg, 2)
     split = choose_split(cfg, layout.num_stages, layout.pp)
     budget = 3 * max(_offload_inputs(cfg, layout, split, 0)[1].values()) / GiB  # about 3 micro-batches
+    budgeted_cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", base + [
+        "memory.activation_offload=true", f"memory.activation_offload_budget_gib={budget!r}"])
+    planned_host = {name: [next(t.bytes_sent for t in r.traffic if t.name == "activation offload")
+                           for r in make_plan(c, layout, HARDWARE["h800"]).ranks]
+                    for name, c in (("true", cfg), ("budget", budgeted_cfg))}
     for rank in run_world(2, "test_offload:_run_steps", dict(overrides=base, data=str(data), budget=budget)):
         off, on, budgeted = rank["false"], rank["true"], rank["budget"]
         assert off["losses"] == budgeted["losses"]
@@ -171,6 +177,10 @@ def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
         assert budgeted["keys"] == planned and 0 < len(planned) < len(on["host"][0])
         for step in range(2):
             assert budgeted["host"][step] == {k: on["host"][step][k] for k in planned}
+            # Each micro-batch copies the plan's bytes of its stage; the step, the plan's traffic.
+            assert on["host"][step] == {k: floating[k[0]] for k in on["host"][step]}
+            for name in ("true", "budget"):
+                assert sum(rank[name]["host"][step].values()) == planned_host[name][budgeted["pp"]], name
         for fetched, order, late in budgeted["orders"]:
             assert fetched == [k for k in order if k in planned] and late == 0
 
