@@ -96,8 +96,9 @@ def _group(items, size: int, ns_steps: int, chunk_bytes: int) -> GroupBuffers:
     )
 
 
-def zero1_groups(cfg: JobConfig, layout: Layout, split: list[range]) -> dict[int, tuple[GroupBuffers, GroupBuffers]]:
-    """(dense group, expert group) of every pipeline rank, from its parts built on the meta device.
+def zero1_groups(cfg: JobConfig, layout: Layout, split: list[range],
+                 ranks: list[int] | None = None) -> dict[int, tuple[GroupBuffers, GroupBuffers]]:
+    """(dense group, expert group) of every pipeline rank (or of `ranks`), from its parts built on the meta device.
 
     Dense items are the same on every EP rank of a stage, and expert items have the same shapes,
     so EP rank 0 stands for all (the assignment looks at shapes only).
@@ -108,7 +109,7 @@ def zero1_groups(cfg: JobConfig, layout: Layout, split: list[range]) -> dict[int
     from parallel.pipeline import build_stage_models
 
     groups = {}
-    for pp in range(layout.pp):
+    for pp in range(layout.pp) if ranks is None else ranks:
         with torch.device("meta"):
             parts = build_stage_models(cfg.model, split, layout.stage_indices(pp), 0, layout.ep, cfg.train.seed)
         named = [(n, p) for part in parts for n, p in part.named_parameters()]

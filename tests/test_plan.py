@@ -235,6 +235,40 @@ def test_k2_1t_needs_offload_at_32_nodes(k2_plan):
     assert first.in_flight.host > 0 and ideal.host_optimizer > 0
 
 
+def test_auto_offload_budget_is_per_rank_and_fits_every_gpu(k2_plan):
+    """memory.activation_offload_budget_gib: auto gives each pipeline rank the room its peak leaves;
+    a number is one budget for every rank."""
+    from parallel.offload_budget import GiB, auto_budget
+
+    usable = k2_plan.hardware.usable_bytes
+    assert k2_plan.cfg.memory.activation_offload_budget_gib == "auto"
+    for r in k2_plan.ranks:
+        o = r.offload
+        assert o.auto and 0 < o.device_peak <= o.budget and r.as_built.device_peak <= usable, r.pp
+        # The budget is exactly what is left beside the peak without it.
+        without = r.as_built.device_peak - o.device_peak
+        assert o.budget == auto_budget(usable, without, without, r.pp)
+    assert len({r.offload.budget for r in k2_plan.ranks}) > 8
+    cfg = load_config(ROOT / "configs" / "k2_1t.yaml", ["memory.activation_offload_budget_gib=16"])
+    fixed = make_plan(cfg, k2_plan.layout, HARDWARE["h800"])
+    assert {r.offload.budget for r in fixed.ranks} == {16 * GiB}
+    # More room kept on the device: less to host on every rank.
+    assert all(a.offload.host_bytes <= f.offload.host_bytes for a, f in zip(k2_plan.ranks, fixed.ranks))
+
+
+def test_auto_offload_budget_refuses_a_device_too_small_for_any():
+    import dataclasses
+
+    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", ["memory.activation_offload=true",
+                                                          "memory.activation_offload_budget_gib=auto"])
+    layout = make_layout(8, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                         micro_batches=None)
+    tiny_gpu = dataclasses.replace(HARDWARE["h800"], gpu_memory_gib=3.001)
+    with pytest.raises(ValueError, match=r"^pipeline rank 0 peaks at [0-9.]+ MiB with every saved activation "
+                                         r"offloaded, over the 1.02 MiB of device memory it may use.$"):
+        make_plan(cfg, layout, tiny_gpu)
+
+
 def test_interleaved_peak_in_flight_is_the_warmup_plus_one(k2_plan):
     """Rank 0 of interleaved 1F1B keeps (p - 1) * 2 + (v - 1) * p + 1 micro-batch stages in flight."""
     pp, vp = k2_plan.layout.pp, k2_plan.layout.vp
