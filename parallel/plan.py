@@ -173,9 +173,10 @@ def budgeted_offload(cfg: JobConfig, layout: Layout, split: list[range], pp: int
     return offloaded_keys(*offload_inputs(cfg, layout, split, pp), budget_bytes(cfg.memory.activation_offload_budget_gib))
 
 
-def offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int) -> tuple[list, dict[int, int]]:
+def offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int,
+                   attention: str | None = None) -> tuple[list, dict[int, int]]:
     """The rank's schedule ops and the bytes one micro-batch of each of its stages copies to host."""
-    a = activation_settings(cfg, layout, default_attention(cfg), cfg.memory.fp8_activations,
+    a = activation_settings(cfg, layout, attention or default_attention(cfg), cfg.memory.fp8_activations,
                             cfg.memory.selective_recompute)
     last = layout.num_stages - 1
     floating = {s: stage_offloaded(cfg.model, a, split[s], s == 0, s == last) for s in layout.stage_indices(pp)}
@@ -210,7 +211,7 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     offload = None
     if cfg.memory.activation_offload:
         # The kept micro-batches' floating-point tensors stay on the device beside the rest of the peak.
-        offload = rank_offload(cfg.memory.activation_offload_budget_gib, *offload_inputs(cfg, layout, split, pp),
+        offload = rank_offload(cfg.memory.activation_offload_budget_gib, *offload_inputs(cfg, layout, split, pp, attention),
                                hw.usable_bytes, as_built.device_peak,
                                as_built.static + as_built.activations + as_built.boundary, pp)
         peak = replace(peak, device=peak.device + offload.device_peak, host=offload.host_peak)
@@ -268,7 +269,8 @@ def _memories(cfg: JobConfig, dense: GroupBuffers, expert: GroupBuffers, peak: I
 
 
 def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, split: list[range],
-             dense: GroupBuffers, expert: GroupBuffers, compute_s: float, p: int, offloaded: int) -> tuple[LinkTraffic, ...]:
+             dense: GroupBuffers, expert: GroupBuffers, compute_s: float, p: int,
+             offloaded: int) -> tuple[LinkTraffic, ...]:
     model = cfg.model
     T, D = cfg.train.micro_batch_size * cfg.data.seq_len, model.hidden_size
     stages = layout.stage_indices(pp)
