@@ -29,18 +29,24 @@ class RankOffload:
     host_bytes: int  # copied to host per step (and back)
     device_peak: int  # the most kept on the device at once (at most the budget)
     host_peak: int  # the most waiting in host memory at once
+    refusal: str | None = None  # auto, and the rank does not fit even with everything offloaded
 
 
 def rank_offload(setting: float | str | None, ops: Sequence[tuple[str, int]], floating: Mapping[int, int],
                  device_bytes: int, peak: int, schedule_peak: int, rank: int) -> RankOffload:
     """Pipeline rank `rank`'s offload under `memory.activation_offload_budget_gib` = `setting`:
     `floating[stage]` is one micro-batch's bytes the offloader copies, `peak` and `schedule_peak`
-    the rank's planned device peaks with every micro-batch offloaded (see `auto_budget`)."""
-    auto = setting == AUTO
-    budget = auto_budget(device_bytes, peak, schedule_peak, rank) if auto else budget_bytes(setting)
+    the rank's planned device peaks with every micro-batch offloaded (see `auto_budget`). A rank
+    that does not fit under `auto` is planned with budget 0 and carries the runner's refusal, so
+    that `k2train plan` can still show where its memory goes."""
+    auto, refusal = setting == AUTO, None
+    try:
+        budget = auto_budget(device_bytes, peak, schedule_peak, rank) if auto else budget_bytes(setting)
+    except ValueError as err:
+        budget, refusal = 0, str(err)
     keys = offloaded_keys(ops, floating, budget)
     device, host = offload_levels(ops, floating, keys)
-    return RankOffload(budget, auto, frozenset(keys), host_bytes(keys, floating), device, host)
+    return RankOffload(budget, auto, frozenset(keys), host_bytes(keys, floating), device, host, refusal)
 
 
 def keyed_ops(ops: Sequence[tuple[str, int]]) -> list[tuple[str, tuple[int, int]]]:

@@ -169,7 +169,10 @@ def budgeted_offload(cfg: JobConfig, layout: Layout, split: list[range], pp: int
     memory.activation_offload_budget_gib (parallel/offload_budget.py): the runner offloads these,
     the plan counts their bytes. `auto` takes the budget from this rank's plan on `hardware`."""
     if cfg.memory.activation_offload_budget_gib == AUTO:
-        return set(rank_plan(cfg, layout, hardware, pp).offload.keys)
+        offload = rank_plan(cfg, layout, hardware, pp).offload
+        if offload.refusal is not None:
+            raise ValueError(f"memory.activation_offload_budget_gib: auto: {offload.refusal}")
+        return set(offload.keys)
     return offloaded_keys(*offload_inputs(cfg, layout, split, pp), budget_bytes(cfg.memory.activation_offload_budget_gib))
 
 

@@ -201,6 +201,7 @@ def _offload_lines(plan: Plan) -> list[str]:
                      f"{t.seconds:>8.3g} {r.compute_s:>10.3g} {_gib(r.as_built.device_peak):>9}  {state}")
     exposed = [r for r in plan.ranks if not next(t for t in r.traffic if t.name == "activation offload").fits_under_compute]
     lines.append(f"  copies hide under compute on {len(plan.ranks) - len(exposed)} of {len(plan.ranks)} pipeline ranks")
+    lines += [f"  the runner refuses this config: {r.offload.refusal}" for r in plan.ranks if r.offload.refusal]
     return lines
 
 

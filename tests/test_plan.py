@@ -256,17 +256,28 @@ def test_auto_offload_budget_is_per_rank_and_fits_every_gpu(k2_plan):
     assert all(a.offload.host_bytes <= f.offload.host_bytes for a, f in zip(k2_plan.ranks, fixed.ranks))
 
 
-def test_auto_offload_budget_refuses_a_device_too_small_for_any():
+def test_auto_offload_budget_refuses_a_device_too_small_for_any(capsys):
+    """The runner refuses a rank that does not fit even offloading everything; the plan shows it."""
     import dataclasses
+
+    from launch.cli import main
+    from parallel.plan import budgeted_offload
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", ["memory.activation_offload=true",
                                                           "memory.activation_offload_budget_gib=auto"])
     layout = make_layout(8, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
                          micro_batches=None)
     tiny_gpu = dataclasses.replace(HARDWARE["h800"], gpu_memory_gib=3.001)
-    with pytest.raises(ValueError, match=r"^pipeline rank 0 peaks at [0-9.]+ MiB with every saved activation "
-                                         r"offloaded, over the 1.02 MiB of device memory it may use.$"):
-        make_plan(cfg, layout, tiny_gpu)
+    sentence = (r"pipeline rank 0 peaks at [0-9.]+ MiB with every saved activation offloaded, over the 1.02 MiB of "
+                r"device memory it may use.")
+    with pytest.raises(ValueError, match=r"^memory.activation_offload_budget_gib: auto: " + sentence + "$"):
+        budgeted_offload(cfg, layout, split_layers(cfg.model.num_layers, layout.num_stages), 0, tiny_gpu)
+    plan = make_plan(cfg, layout, tiny_gpu)
+    assert plan.ranks[0].offload.budget == 0 and plan.ranks[0].as_built.device_peak > tiny_gpu.usable_bytes
+    assert main(["plan", "--config", str(ROOT / "configs" / "k2_tiny.yaml"), "--world-size", "8", "--set",
+                 "memory.activation_offload=true", "--set", "memory.activation_offload_budget_gib=auto",
+                 "--gpu-memory-gib", "3.001"]) == 0
+    assert "the runner refuses this config: pipeline rank 0 peaks at" in capsys.readouterr().out
 
 
 def test_interleaved_peak_in_flight_is_the_warmup_plus_one(k2_plan):
