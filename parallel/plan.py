@@ -20,12 +20,11 @@ from k2train.config.schema import JobConfig
 from k2train.model import count_parameters
 from k2train.train.flops import flops_per_token
 from parallel.layout import Layout
-from parallel.plan_activations import ActivationSettings, Saved, stage_saved
+from parallel.plan_activations import ActivationSettings, Saved, stage_offloaded, stage_saved
 from parallel.plan_memory import (
     GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
-from parallel.offload_budget import budget_bytes, offloaded_keys
+from parallel.offload_budget import AUTO, RankOffload, budget_bytes, offloaded_keys, rank_offload
 from parallel.overlap import overlap_runs
-from parallel.offload_budget import host_bytes as offload_host_bytes
 from parallel.plan_time import (
     Hardware, LinkTraffic, bubble, collective_seconds, link_seconds, stage_train_flops)
 
@@ -79,6 +78,7 @@ class RankPlan:
     traffic: tuple[LinkTraffic, ...]
     update_s: float  # reduce-scatter, all-gather and the optimizer update
     configured: tuple[bool, bool, bool]  # the config's (fp8, recompute, activation offload)
+    offload: RankOffload | None = None  # with activation offload: its budget, keys and bytes
 
     @property
     def in_flight(self) -> InFlight:
@@ -138,6 +138,16 @@ def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str
     return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops, tuple(split), step_built_s)
 
 
+def rank_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, pp: int) -> RankPlan:
+    """Pipeline rank `pp`'s part of `make_plan` alone (the runner's `auto` offload budget)."""
+    from parallel.stage_split import choose_split
+
+    split = choose_split(cfg, layout.num_stages, layout.pp)
+    groups = zero1_groups(cfg, layout, split, [pp])
+    return _rank_plan(cfg, layout, hardware, default_attention(cfg), micro_batches_per_step(cfg, layout.dp), split,
+                      pp, groups[pp])
+
+
 def _exposed_as_built(r: RankPlan, ep_hidden: bool) -> float:
     """A rank's schedule time as the runtime runs it: compute, plus what overlapped traffic exceeds
     it, plus the whole EP all-to-all unless the runtime overlaps it (parallel.overlap, see
@@ -152,19 +162,26 @@ def _exposed_as_built(r: RankPlan, ep_hidden: bool) -> float:
 _OVERLAPPED = ("EP all-to-all", "pipeline send/receive", "activation offload")
 
 
-def budgeted_offload(cfg: JobConfig, layout: Layout, split: list[range], pp: int) -> set[tuple[int, int]]:
+def budgeted_offload(cfg: JobConfig, layout: Layout, split: list[range], pp: int,
+                     hardware: Hardware) -> set[tuple[int, int]]:
     """The (stage, micro-batch) keys of pipeline rank `pp` that go to host under
     memory.activation_offload_budget_gib (parallel/offload_budget.py): the runner offloads these,
-    the plan counts their bytes."""
-    return offloaded_keys(*_offload_inputs(cfg, layout, split, pp), budget_bytes(cfg.memory.activation_offload_budget_gib))
+    the plan counts their bytes. `auto` takes the budget from this rank's plan on `hardware`."""
+    if cfg.memory.activation_offload_budget_gib == AUTO:
+        offload = rank_plan(cfg, layout, hardware, pp).offload
+        if offload.refusal is not None:
+            raise ValueError(f"memory.activation_offload_budget_gib: auto: {offload.refusal}")
+        return set(offload.keys)
+    return offloaded_keys(*offload_inputs(cfg, layout, split, pp), budget_bytes(cfg.memory.activation_offload_budget_gib))
 
 
-def _offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int) -> tuple[list, dict[int, int]]:
-    """The rank's schedule ops and one micro-batch's floating-point saved bytes per stage."""
-    a = activation_settings(cfg, layout, default_attention(cfg), cfg.memory.fp8_activations,
+def offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int,
+                   attention: str | None = None) -> tuple[list, dict[int, int]]:
+    """The rank's schedule ops and the bytes one micro-batch of each of its stages copies to host."""
+    a = activation_settings(cfg, layout, attention or default_attention(cfg), cfg.memory.fp8_activations,
                             cfg.memory.selective_recompute)
     last = layout.num_stages - 1
-    floating = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last).floating for s in layout.stage_indices(pp)}
+    floating = {s: stage_offloaded(cfg.model, a, split[s], s == 0, s == last) for s in layout.stage_indices(pp)}
     paired = overlap_runs(cfg.parallel.overlap, layout.ep)
     return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp, paired), floating
 
@@ -187,24 +204,38 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     boundary = {s: (p * T * D if s > 0 else 0, p * T * (cfg.model.vocab_size if s == last else D)) for s in stages}
     features = {}
     for fp8, recompute, offload in FEATURES:
-        saved = {s: stage_saved(cfg.model, replace(a, fp8=fp8, recompute=recompute), split[s], s == 0, s == last)
-                 for s in stages}
+        saved = {s: _stage_saved(cfg, replace(a, fp8=fp8, recompute=recompute), split, s, offload) for s in stages}
         features[(fp8, recompute, offload)] = in_flight_peak(ops, saved, boundary, offload, prefetch=layout.pp > 1)
     configured = (cfg.memory.fp8_activations, cfg.memory.selective_recompute, cfg.memory.activation_offload)
     saved = {s: stage_saved(cfg.model, a, split[s], s == 0, s == last) for s in stages}
     buffers = pipeline_buffers(stages, layout.num_stages, m, p * T * D, T)
     dense, expert = groups
     peak = features[configured]
-    if cfg.memory.activation_offload and cfg.memory.activation_offload_budget_gib is not None:
-        # Under a budget the kept micro-batches' floating-point tensors stay too: at most the budget.
-        peak = replace(peak, device=peak.device + budget_bytes(cfg.memory.activation_offload_budget_gib))
     as_built, ideal = _memories(cfg, dense, expert, peak, buffers, p)
+    offload = None
+    if cfg.memory.activation_offload:
+        # The kept micro-batches' floating-point tensors stay on the device beside the rest of the peak.
+        offload = rank_offload(cfg.memory.activation_offload_budget_gib, *offload_inputs(cfg, layout, split, pp, attention),
+                               hw.usable_bytes, as_built.device_peak,
+                               as_built.static + as_built.activations + as_built.boundary, pp)
+        peak = replace(peak, device=peak.device + offload.device_peak, host=offload.host_peak)
+        as_built, ideal = _memories(cfg, dense, expert, peak, buffers, p)
     compute_s = sum(m * T * stage_train_flops(cfg.model, a.seq, split[s], s == last, a.recompute, attention == "fused")
                     for s in stages) / (hw.peak_tflops * 1e12 * hw.efficiency)
-    traffic = _traffic(cfg, layout, hw, pp, m, split, saved, dense, expert, compute_s, p)
+    traffic = _traffic(cfg, layout, hw, pp, m, split, dense, expert, compute_s, p,
+                       offload.host_bytes if offload else 0)
     update_s = sum(t.seconds for t in traffic if not t.overlapped)
     return RankPlan(pp, tuple(stages), tuple(split[s] for s in stages), dense.held, expert.held, dense, expert,
-                    saved, features, buffers, as_built, ideal, compute_s, traffic, update_s, configured)
+                    saved, features, buffers, as_built, ideal, compute_s, traffic, update_s, configured, offload)
+
+
+def _stage_saved(cfg: JobConfig, a: ActivationSettings, split: list[range], stage: int, offload: bool) -> Saved:
+    """One micro-batch of `stage`; with offload its floating bytes are what the offloader copies."""
+    last = stage == len(split) - 1
+    saved = stage_saved(cfg.model, a, split[stage], stage == 0, last)
+    if offload:
+        saved = replace(saved, floating=stage_offloaded(cfg.model, a, split[stage], stage == 0, last))
+    return saved
 
 
 def _worst(group: GroupBuffers, offload: bool) -> tuple[int, int]:
@@ -242,8 +273,8 @@ def _memories(cfg: JobConfig, dense: GroupBuffers, expert: GroupBuffers, peak: I
 
 
 def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, split: list[range],
-             saved: dict[int, Saved], dense: GroupBuffers, expert: GroupBuffers, compute_s: float,
-             p: int) -> tuple[LinkTraffic, ...]:
+             dense: GroupBuffers, expert: GroupBuffers, compute_s: float, p: int,
+             offloaded: int) -> tuple[LinkTraffic, ...]:
     model = cfg.model
     T, D = cfg.train.micro_batch_size * cfg.data.seq_len, model.hidden_size
     stages = layout.stage_indices(pp)
@@ -253,9 +284,6 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
     ep_bytes = 4 * m * moe_layers * T * model.experts_per_token * D * p * (layout.ep - 1) // max(layout.ep, 1)
     sends = sum(m * p * T * D for s in stages if s < layout.num_stages - 1)
     sends += sum(m * p * T * D for s in stages if s > 0)
-    offloaded = sum(m * saved[s].floating for s in stages) if cfg.memory.activation_offload else 0
-    if cfg.memory.activation_offload and cfg.memory.activation_offload_budget_gib is not None:
-        offloaded = offload_host_bytes(budgeted_offload(cfg, layout, split, pp), {s: saved[s].floating for s in stages})
     spans = _spans_nodes(layout)
     items = [
         ("EP all-to-all", ep_bytes, link_seconds(ep_bytes, local, hw), "NVLink + network" if 0 < local < 1 else

@@ -18,13 +18,15 @@ log-sum-exp, no S x S term; CUDA).
 Routed rows are the one data-dependent count: the plan assumes balanced routing, so an EP rank
 receives as many rows as it sends (T * top-k); a real step's ranks differ by the router's imbalance.
 Integer tensors (indices, offsets, masks) are kept apart from floating-point ones because
-activation offload moves only the floating-point ones to host memory.
+activation offload moves only the floating-point ones to host memory, and so are the loss's
+tensors, which are saved outside the model's saved-tensor hooks and stay on the device.
+`stage_offloaded` gives the bytes the offloader copies per micro-batch, as its hooks see them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from k2train.config.schema import ModelConfig
 
@@ -55,31 +57,37 @@ class Saved:
 
     floating: int = 0  # floating-point (incl. FP8) tensors: offloaded to host when offload is on
     integer: int = 0  # indices, offsets, masks: stay on the device
+    kept: int = 0  # floating-point tensors of the loss, saved outside the offloader's hooks: stay too
 
     @property
     def total(self) -> int:
-        return self.floating + self.integer
+        return self.floating + self.integer + self.kept
+
+    @property
+    def on_device(self) -> int:
+        """What stays on the device when activation offload is on."""
+        return self.integer + self.kept
 
     def __add__(self, other: Saved) -> Saved:
-        return Saved(self.floating + other.floating, self.integer + other.integer)
+        return Saved(self.floating + other.floating, self.integer + other.integer, self.kept + other.kept)
 
     def scaled(self, factor: int) -> Saved:
-        return Saved(self.floating * factor, self.integer * factor)
+        return Saved(self.floating * factor, self.integer * factor, self.kept * factor)
 
 
 class _Storages:
     """Saved storages by key: a storage saved by several ops (h by q_a_proj and kv_a_proj) counts once."""
 
     def __init__(self) -> None:
-        self.items: dict[str, tuple[int, bool]] = {}
+        self.items: dict[str, tuple[int, str]] = {}
 
-    def add(self, key: str, nbytes: int, floating: bool = True) -> None:
-        self.items.setdefault(key, (nbytes, floating))
+    def add(self, key: str, nbytes: int, kind: str = "floating") -> None:
+        """`kind` is the `Saved` field the storage counts in: floating, integer or kept."""
+        self.items.setdefault(key, (nbytes, kind))
 
-    def saved(self, skip: tuple[str, ...] = ()) -> Saved:
-        fl = sum(n for k, (n, f) in self.items.items() if f and k not in skip)
-        it = sum(n for k, (n, f) in self.items.items() if not f and k not in skip)
-        return Saved(fl, it)
+    def saved(self) -> Saved:
+        by_kind = {kind: sum(n for n, k in self.items.values() if k == kind) for kind in ("floating", "integer", "kept")}
+        return Saved(**by_kind)
 
 
 def fp8_bytes(rows: int, cols: int) -> int:
@@ -147,12 +155,17 @@ def _attention(s: _Storages, cfg: ModelConfig, a: ActivationSettings) -> None:
     # Rope saves only cos/sin (per stage); q and k are new tensors after the concatenation.
     s.add("q", p * T * H * (dn + dr))
     s.add("k", p * T * H * (dn + dr))
-    if a.attention == "eager":
+    if a.attention == "eager" and B == 1:
+        # [1, H, S, dv] -> [H, S, dv] for the batched matmul is a view of kv_b's output, whose
+        # storage (k's nope part included) it keeps.
+        s.add("kv_b_out", p * T * H * (dn + dv))
+    elif a.attention == "eager":
         s.add("v", p * T * H * dv)  # [B, H, S, dv] -> [B*H, S, dv] for the batched matmul: a copy
+    if a.attention == "eager":
         s.add("probs_f32", 4 * B * H * S * S)  # softmax result
         if p != 4:
             s.add("probs", p * B * H * S * S)  # its compute-dtype copy, the second matmul's input
-        s.add("mask", S * S, floating=False)
+        s.add("mask", S * S, kind="integer")
     else:
         # k2train/kernels/flash_attention.py saves q, k, v (a view of kv_b's output, whose
         # storage it keeps), its output and the base-2 log-sum-exp [B*H, S].
@@ -172,15 +185,15 @@ def _moe(s: _Storages, cfg: ModelConfig, a: ActivationSettings) -> None:
         s.add("router.x_f32", 4 * T * D)
         s.add("router.w_f32", 4 * E * D)  # weight.float(): a copy, not the parameter
     s.add("router.scores", 4 * T * E)  # sigmoid result
-    s.add("router.topk", 8 * T * K, floating=False)
+    s.add("router.topk", 8 * T * K, kind="integer")
     s.add("router.weights", 4 * T * K)  # divided by their sum: numerator and denominator
     s.add("router.sum", 4 * T)
-    s.add("token_N", 8 * N, floating=False)  # x_TD[token_N] and index_add_
-    s.add("order_N", 8 * N, floating=False)  # weight_TK.flatten()[order_N]
+    s.add("token_N", 8 * N, kind="integer")  # x_TD[token_N] and index_add_
+    s.add("order_N", 8 * N, kind="integer")  # weight_TK.flatten()[order_N]
     if a.ep > 1:
-        s.add("by_expert_M", 8 * N, floating=False)  # arrivals regrouped by local expert
-        s.add("unsort_M", 8 * N, floating=False)  # and back
-    s.add("offsets", 4 * (E // a.ep), floating=False)
+        s.add("by_expert_M", 8 * N, kind="integer")  # arrivals regrouped by local expert
+        s.add("unsort_M", 8 * N, kind="integer")  # and back
+    s.add("offsets", 4 * (E // a.ep), kind="integer")
     _swiglu(s, a, "experts", "x_ND", N, D, cfg.moe_intermediate_size)
     s.add("y_ND", p * N * D)  # expert outputs, times their combine weights
     s.add("combine_w", p * N)
@@ -229,8 +242,9 @@ def head_saved(cfg: ModelConfig, a: ActivationSettings, loss: bool = True) -> Sa
     _norm(s, a, "final_norm", "x_last", p * T * D, T, D)
     s.add("head_in", p * T * D)
     if loss:
-        s.add("log_softmax", 4 * T * cfg.vocab_size)
-        s.add("nll_total_weight", 4)  # a 0-dim FP32 tensor
+        # The loss runs outside the model (parallel/pipeline.py lm_loss), so outside the hooks.
+        s.add("log_softmax", 4 * T * cfg.vocab_size, kind="kept")
+        s.add("nll_total_weight", 4, kind="kept")  # a 0-dim FP32 tensor
     return s.saved()
 
 
@@ -242,11 +256,23 @@ def stage_saved(cfg: ModelConfig, a: ActivationSettings, layers: range, embeddin
     for i, layer in enumerate(layers):
         saved, input_bytes = layer_saved(cfg, a, layer >= cfg.first_dense_layers)
         if i == 0 and not embedding:
-            saved = Saved(saved.floating - input_bytes, saved.integer)
+            saved = replace(saved, floating=saved.floating - input_bytes)
         total = total + saved
     if head:
         total = total + head_saved(cfg, a, loss)
     return total
+
+
+def stage_offloaded(cfg: ModelConfig, a: ActivationSettings, layers: range, embedding: bool, head: bool) -> int:
+    """Bytes activation offload copies to host per micro-batch of one virtual stage, as the hooks of
+    `k2train/memory/saved.py` see them: the floating-point saved tensors of the stage's forward, plus
+    the received input where the first layer's norm keeps it (recomputed, or computed in FP32), plus
+    rope's cos and sin once per layer (the host copies are shared within one layer's scope only, so
+    that no freed address is ever taken for a copied one), without the loss (outside the hooks)."""
+    saved = stage_saved(cfg, a, layers, embedding, head)
+    rope = a.seq * cfg.qk_rope_head_dim * a.dtype_bytes
+    received = layer_saved(cfg, a, layers[0] >= cfg.first_dense_layers)[1] if len(layers) and not embedding else 0
+    return saved.floating + (len(layers) - 1) * rope + received
 
 
 def per_token(cfg: ModelConfig, a: ActivationSettings, moe: bool) -> float:

@@ -96,8 +96,9 @@ def _group(items, size: int, ns_steps: int, chunk_bytes: int) -> GroupBuffers:
     )
 
 
-def zero1_groups(cfg: JobConfig, layout: Layout, split: list[range]) -> dict[int, tuple[GroupBuffers, GroupBuffers]]:
-    """(dense group, expert group) of every pipeline rank, from its parts built on the meta device.
+def zero1_groups(cfg: JobConfig, layout: Layout, split: list[range],
+                 ranks: list[int] | None = None) -> dict[int, tuple[GroupBuffers, GroupBuffers]]:
+    """(dense group, expert group) of every pipeline rank (or of `ranks`), from its parts built on the meta device.
 
     Dense items are the same on every EP rank of a stage, and expert items have the same shapes,
     so EP rank 0 stands for all (the assignment looks at shapes only).
@@ -108,7 +109,7 @@ def zero1_groups(cfg: JobConfig, layout: Layout, split: list[range]) -> dict[int
     from parallel.pipeline import build_stage_models
 
     groups = {}
-    for pp in range(layout.pp):
+    for pp in range(layout.pp) if ranks is None else ranks:
         with torch.device("meta"):
             parts = build_stage_models(cfg.model, split, layout.stage_indices(pp), 0, layout.ep, cfg.train.seed)
         named = [(n, p) for part in parts for n, p in part.named_parameters()]
@@ -154,11 +155,12 @@ def in_flight_peak(ops: list[tuple[str, int]], saved: dict[int, Saved], boundary
     (`boundary[stage]` = (input, output) bytes), its backward frees them. Input gradients are freed
     once sent (torch's `stage_backward`), so they are not counted.
 
-    With offload the floating-point bytes wait in host memory. k2train/memory/offload.py brings a
+    With offload the floating-point bytes wait in host memory (`saved[s].floating`: what the
+    offloader copies, `plan_activations.stage_offloaded`). k2train/memory/offload.py brings a
     micro-batch's tensors back as one group when its backward begins and, with `prefetch` (a
     pipeline schedule, where the next backward's forward has run), the next backward's group too,
     K2 §2.4.3: one or two stage-micro-batches' worth are the device working set."""
-    kept = {s: saved[s].integer if offload else saved[s].total for s in saved}
+    kept = {s: saved[s].on_device if offload else saved[s].total for s in saved}
     per_forward = {s: kept[s] + boundary[s][0] + boundary[s][1] for s in saved}
     count = {s: 0 for s in saved}
     level = 0

@@ -59,8 +59,7 @@ def describe_plan(plan: Plan, pipeline_ranks: list[int] | None = None) -> str:
         f"micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens; {cfg.train.param_dtype} parameters",
         f"  memory features: fp8_activations {_on(mem.fp8_activations)}, selective_recompute "
         f"{_on(mem.selective_recompute)}, activation_offload {_on(mem.activation_offload)}"
-        + (f" (device budget {mem.activation_offload_budget_gib:g} GiB)" if mem.activation_offload_budget_gib is not None
-           else "") + ", optimizer_offload "
+        + _budget_text(mem.activation_offload_budget_gib) + ", optimizer_offload "
         f"{_on(mem.optimizer_offload)}; attention {plan.attention}",
         f"  {_unit[0]} per GPU, for the GPU with the most memory among a stage's {lay.sequence_ranks} EP x DP ranks; "
         f"usable {hw.usable_bytes / GiB:g} of {hw.gpu_memory_gib:g} GiB",
@@ -70,7 +69,7 @@ def describe_plan(plan: Plan, pipeline_ranks: list[int] | None = None) -> str:
     ]
     for group in _groups(plan, pipeline_ranks):
         lines += [""] + _rank_lines(plan, group, tokens)
-    lines += [""] + _step_lines(plan) + [""] + _paper_lines(plan) + [""] + _difference_lines(plan)
+    lines += [""] + _step_lines(plan) + _offload_lines(plan) + [""] + _paper_lines(plan) + [""] + _difference_lines(plan)
     lines += ["", "Assumptions:"] + [f"  - {a}" for a in assumptions(hw, plan.attention)]
     return "\n".join(wrapped for line in lines for wrapped in _wrap(line))
 
@@ -176,6 +175,34 @@ def _traffic_lines(r: RankPlan) -> list[str]:
     for t in r.traffic:
         state = "hidden" if t.hidden else ("exposed" if t.seconds > 0 else "")
         lines.append(f"    {t.name:<40}{_si(t.bytes_sent):>12}  {t.where:<17}{t.seconds:>10.3g} s  {state}")
+    return lines
+
+
+def _budget_text(setting: float | str | None) -> str:
+    if setting is None:
+        return ""
+    return " (device budget: auto, per pipeline rank)" if setting == "auto" else f" (device budget {setting:g} GiB)"
+
+
+def _offload_lines(plan: Plan) -> list[str]:
+    """Per pipeline rank: the offload budget, the bytes copied to host per step, their copy time at
+    the host link's rate and whether it hides under the rank's compute (K2 §2.4.3)."""
+    if not plan.cfg.memory.activation_offload:
+        return []
+    how = "auto: what the rank's peak leaves free" if plan.cfg.memory.activation_offload_budget_gib == "auto" else \
+        "one budget for every rank"
+    lines = [f"Activation offload per pipeline rank ({how}; copies at {plan.hardware.pcie_gbs:g} GB/s, "
+             "hidden when shorter than the rank's compute):",
+             f"  {'rank':>4} {'budget ' + _unit[0]:>11} {'kept ' + _unit[0]:>9} {'to host/step':>13} {'copy s':>8} "
+             f"{'compute s':>10} {'peak ' + _unit[0]:>9}  copies"]
+    for r in plan.ranks:
+        o, t = r.offload, next(t for t in r.traffic if t.name == "activation offload")
+        state = "hidden" if t.fits_under_compute else f"exposed {t.seconds - r.compute_s:,.3g} s"
+        lines.append(f"  {r.pp:>4} {_gib(o.budget):>11} {_gib(o.device_peak):>9} {_si(o.host_bytes):>13} "
+                     f"{t.seconds:>8.3g} {r.compute_s:>10.3g} {_gib(r.as_built.device_peak):>9}  {state}")
+    exposed = [r for r in plan.ranks if not next(t for t in r.traffic if t.name == "activation offload").fits_under_compute]
+    lines.append(f"  copies hide under compute on {len(plan.ranks) - len(exposed)} of {len(plan.ranks)} pipeline ranks")
+    lines += [f"  the runner refuses this config: {r.offload.refusal}" for r in plan.ranks if r.offload.refusal]
     return lines
 
 

@@ -11,7 +11,7 @@ reduce-scatter, the parameter all-gather and the optimizer update run after the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from k2train.config.schema import ModelConfig
 from k2train.train.flops import flops_per_token
@@ -47,6 +47,19 @@ HARDWARE = {
     "h100": Hardware("H100 SXM", 80, 989, 450, 50, 55, 2048),
     "h200": Hardware("H200 SXM", 141, 989, 450, 50, 55, 2048),
 }
+
+
+def device_hardware(device) -> Hardware:
+    """What the runner plans its `auto` activation offload budget for: `k2train plan`'s default
+    preset (h800) with a CUDA device's own memory; on CPU the preset as it is, so a CPU run takes
+    the budgets `k2train plan` shows."""
+    hw = HARDWARE["h800"]
+    if device.type != "cuda":
+        return hw
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return replace(hw, name=props.name, gpu_memory_gib=props.total_memory / GiB)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from parallel.expert_parallel import apply_expert_parallel
 from parallel.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
 from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
 from parallel.plan import budgeted_offload
+from parallel.plan_time import device_hardware
 from parallel.stage_split import choose_split
 from parallel.state import ParallelState
 from parallel.zero1 import ShardedMuonClip
@@ -80,7 +81,7 @@ class ParallelRunner:
         self.offloader = ActivationOffloader(state.device) if cfg.memory.activation_offload else None
         self.saved = (SavedActivations(parts, self.offloader)
                       if self.offloader is not None or measure_activations else None)
-        self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp)
+        self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp, device_hardware(state.device))
                              if self.offloader is not None and cfg.memory.activation_offload_budget_gib is not None
                              else None)
         self.schedule = None

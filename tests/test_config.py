@@ -317,7 +317,18 @@ def test_stage_layers_must_cover_every_stage_and_layer(layers):
     load_config(TINY, overrides[:-1] + ["parallel.stage_layers=[2,1,1,0]"])
 
 
-def test_a_negative_offload_budget_is_refused():
-    with pytest.raises(ConfigError, match=r"memory.activation_offload_budget_gib must be at least 0 GiB or null, got -1.0"):
-        load_config(TINY, ["memory.activation_offload=true", "memory.activation_offload_budget_gib=-1.0"])
-    assert load_config(TINY, ["memory.activation_offload_budget_gib=2.5"]).memory.activation_offload_budget_gib == 2.5
+@pytest.mark.parametrize("value", ["-1.0", "lots", "Auto"])
+def test_a_bad_offload_budget_is_refused(value):
+    with pytest.raises(ConfigError, match=r"memory.activation_offload_budget_gib must be a number of GiB of at least 0, "
+                                          r"\"auto\" or null, got "):
+        load_config(TINY, ["memory.activation_offload=true", f"memory.activation_offload_budget_gib={value}"])
+
+
+def test_the_offload_budget_is_a_number_auto_or_null():
+    def budget(text):
+        return load_config(TINY, [f"memory.activation_offload_budget_gib={text}"]).memory.activation_offload_budget_gib
+
+    assert budget("2.5") == 2.5 and budget("3") == 3.0 and budget("auto") == "auto" and budget("null") is None
+    with pytest.raises(ConfigError, match=r"memory.activation_offload_budget_gib must be a float or a string or null, "
+                                          r"got \[1\] \(list\)"):
+        budget("[1]")

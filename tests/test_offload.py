@@ -96,6 +96,13 @@ def _run_steps(payload: dict) -> dict:
     if payload.get("budget") is not None:
         extra["budget"] = ["memory.activation_offload=true",
                            f"memory.activation_offload_budget_gib={payload['budget']!r}"]
+    if payload.get("hardware") is not None:
+        # `auto` plans for the device's memory (parallel/plan_time.py device_hardware): a CPU has
+        # none to speak of, so the test lends it a GPU small enough to offload some micro-batches.
+        import parallel.runner
+
+        parallel.runner.device_hardware = lambda device: payload["hardware"]
+        extra["auto"] = ["memory.activation_offload=true", "memory.activation_offload_budget_gib=auto"]
     for flag, flag_overrides in extra.items():
         cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"] + flag_overrides)
         if flag == "false":
@@ -142,12 +149,17 @@ def test_pipeline_offload_matches_no_offload_and_fetches_in_schedule_order(sched
 
 def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
     """Under memory.activation_offload_budget_gib only the micro-batches whose backward comes last
-    go to host: the same bits as no offload, and each rank copies exactly the micro-batches the
-    plan chose (parallel/offload_budget.py), no more, no fewer."""
+    go to host: the same bits as no offload, each rank copies exactly the micro-batches the plan
+    chose (parallel/offload_budget.py), and the bytes it copies per step are the plan's, per rank,
+    with a budget, with `auto` (a budget per pipeline rank) and without (FP32, one sequence per
+    micro-batch)."""
     from k2train.data.prepare import prepare_dataset
+    import dataclasses
+
     from k2train.config.load import load_config
     from parallel.offload_budget import GiB, offloaded_keys
-    from parallel.plan import _offload_inputs
+    from parallel.plan import make_plan, offload_inputs
+    from parallel.plan_time import HARDWARE
     from parallel.stage_split import choose_split
     from parallel.trainer import layout_for
     import json
@@ -155,22 +167,41 @@ def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
     data = tmp_path / "json"
     prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), data, "byte")
     base = ["model.num_layers=4", "model.num_experts=8", "data.seq_len=16", "train.micro_batch_size=1",
-            "train.global_batch_tokens=128", "parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1",
-            "memory.fp8_activations=true", "memory.selective_recompute=true"]
+            "train.global_batch_tokens=128", "parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1"]
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", base + ["memory.activation_offload=true"])
     layout = layout_for(cfg, 2)
     split = choose_split(cfg, layout.num_stages, layout.pp)
-    budget = 3 * max(_offload_inputs(cfg, layout, split, 0)[1].values()) / GiB  # about 3 micro-batches
-    for rank in run_world(2, "test_offload:_run_steps", dict(overrides=base, data=str(data), budget=budget)):
-        off, on, budgeted = rank["false"], rank["true"], rank["budget"]
-        assert off["losses"] == budgeted["losses"]
-        for name, param in off["params"].items():
-            assert torch.equal(param, budgeted["params"][name]), name
-        ops, floating = _offload_inputs(cfg, layout, split, budgeted["pp"])
+    micro_batch = max(offload_inputs(cfg, layout, split, 0)[1].values())
+    budget = 3 * micro_batch / GiB  # about 3 micro-batches
+    budgeted_cfg, auto_cfg = (load_config(ROOT / "configs" / "k2_tiny.yaml", base + [
+        "memory.activation_offload=true", f"memory.activation_offload_budget_gib={b}"]) for b in (repr(budget), "auto"))
+    # A GPU with room for about 2 micro-batches beside the fuller rank's schedule peak without them:
+    # that rank offloads some, the other (its peak lower by more than its whole schedule) none.
+    fullest = max(b.static + b.activations + b.boundary
+                  for b in (r.as_built for r in make_plan(cfg, layout, HARDWARE["h800"]).ranks))
+    small = dataclasses.replace(HARDWARE["h800"], gpu_memory_gib=3.0 + (fullest + 2 * micro_batch) / GiB)
+    plans = {name: make_plan(c, layout, HARDWARE["h800"] if name != "auto" else small).ranks
+             for name, c in (("true", cfg), ("budget", budgeted_cfg), ("auto", auto_cfg))}
+    planned_host = {name: [next(t.bytes_sent for t in r.traffic if t.name == "activation offload") for r in ranks]
+                    for name, ranks in plans.items()}
+    assert [0 < len(r.offload.keys) < 2 * 8 for r in plans["auto"]] == [False, True]
+    payload = dict(overrides=base, data=str(data), budget=budget, hardware=small)
+    for rank in run_world(2, "test_offload:_run_steps", payload):
+        off, on, budgeted, auto = rank["false"], rank["true"], rank["budget"], rank["auto"]
+        for run in (budgeted, auto):
+            assert off["losses"] == run["losses"]
+            for name, param in off["params"].items():
+                assert torch.equal(param, run["params"][name]), name
+        assert auto["keys"] == plans["auto"][auto["pp"]].offload.keys
+        ops, floating = offload_inputs(cfg, layout, split, budgeted["pp"])
         planned = offloaded_keys(ops, floating, int(budget * GiB))
         assert budgeted["keys"] == planned and 0 < len(planned) < len(on["host"][0])
         for step in range(2):
             assert budgeted["host"][step] == {k: on["host"][step][k] for k in planned}
+            # Each micro-batch copies the plan's bytes of its stage; the step, the plan's traffic.
+            assert on["host"][step] == {k: floating[k[0]] for k in on["host"][step]}
+            for name in ("true", "budget", "auto"):
+                assert sum(rank[name]["host"][step].values()) == planned_host[name][budgeted["pp"]], name
         for fetched, order, late in budgeted["orders"]:
             assert fetched == [k for k in order if k in planned] and late == 0
 
@@ -186,3 +217,15 @@ def test_the_budget_keeps_the_soonest_backwards_on_the_device():
     # 1F1B: the device never holds more than the budget.
     ops = [("F", 0), ("F", 0), ("B", 0), ("F", 0), ("B", 0), ("B", 0)]
     assert offloaded_keys(ops, {0: 10}, 10) == {(0, 1)}
+
+
+def test_auto_budget_is_the_room_the_peak_leaves_and_levels_follow_the_schedule():
+    from parallel.offload_budget import auto_budget, offload_levels
+
+    # The budget joins the schedule's peak (60 of 100 here); the update's 70 comes after it.
+    assert auto_budget(100, 70, 60, 3) == 40
+    with pytest.raises(ValueError, match=r"^pipeline rank 3 peaks at .* with every saved activation offloaded, over "):
+        auto_budget(100, 101, 60, 3)
+    ops = [("F", 0)] * 4 + [("B", 0)] * 4
+    assert offload_levels(ops, {0: 10}, {(0, 2), (0, 3)}) == (20, 20)
+    assert offload_levels(ops, {0: 10}, set()) == (40, 0)

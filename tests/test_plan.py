@@ -27,7 +27,7 @@ from multiproc import run_world
 from parallel.layout import make_layout
 from parallel.pipeline import lm_loss, split_layers
 from parallel.plan import make_plan
-from parallel.plan_activations import ActivationSettings, layer_saved, stage_saved
+from parallel.plan_activations import ActivationSettings, stage_offloaded, stage_saved
 from parallel.plan_memory import schedule_ops
 from parallel.plan_time import HARDWARE
 from triton_interpret import run_interpreted
@@ -55,14 +55,17 @@ def _measured(cfg: ModelConfig, layers: range, embedding: bool, head: bool, fp8:
     return saved_bytes(forward, x, exclude=[*model.parameters(), x, labels])
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fp8,recompute", list(itertools.product((False, True), repeat=2)),
                          ids=["plain", "recompute", "fp8", "fp8+recompute"])
-def test_activation_model_equals_saved_bytes(dtype, fp8, recompute):
-    settings = ActivationSettings(2, 20, torch.empty((), dtype=dtype).element_size(), fp8, recompute)
+def test_activation_model_equals_saved_bytes(dtype, fp8, recompute, batch):
+    # One sequence per micro-batch (as k2_1t runs) lets attention view v where two copy it.
+    settings = ActivationSettings(batch, 20, torch.empty((), dtype=dtype).element_size(), fp8, recompute)
     for layers, embedding, head in STAGES:
         want = stage_saved(SMALL, settings, layers, embedding, head).total
-        assert _measured(SMALL, layers, embedding, head, fp8, recompute, dtype) == want, (list(layers), embedding, head)
+        got = _measured(SMALL, layers, embedding, head, fp8, recompute, dtype, batch)
+        assert got == want, (list(layers), embedding, head)
 
 
 def test_fused_attention_model_equals_the_flash_kernels_saved_bytes(tmp_path_factory):
@@ -144,9 +147,7 @@ def _as_the_hooks_count(cfg, layout, stage: int, split: list[range], m: int):
     counts the whole step's token ids it views, and the loss (outside the model) does not count."""
     a = ActivationSettings(cfg.train.micro_batch_size, cfg.data.seq_len, 4, True, True, "eager", layout.ep)
     saved = stage_saved(cfg.model, a, split[stage], stage == 0, stage == len(split) - 1, loss=False)
-    floating = saved.floating + (len(split[stage]) - 1) * a.seq * cfg.model.qk_rope_head_dim * a.dtype_bytes
-    if stage > 0:
-        floating += layer_saved(cfg.model, a, split[stage][0] >= cfg.model.first_dense_layers)[1]
+    floating = stage_offloaded(cfg.model, a, split[stage], stage == 0, stage == len(split) - 1)
     integer = saved.integer + (8 * m * a.tokens if stage == 0 else 0)
     return floating, integer
 
@@ -232,6 +233,51 @@ def test_k2_1t_needs_offload_at_32_nodes(k2_plan):
     assert states + on_device.device + on_device.outputs + on_device.inputs > usable
     assert ideal.device_peak <= usable  # the config: fp8, recomputation, activation and optimizer offload
     assert first.in_flight.host > 0 and ideal.host_optimizer > 0
+
+
+def test_auto_offload_budget_is_per_rank_and_fits_every_gpu(k2_plan):
+    """memory.activation_offload_budget_gib: auto gives each pipeline rank the room its peak leaves;
+    a number is one budget for every rank."""
+    from parallel.offload_budget import GiB, auto_budget
+
+    usable = k2_plan.hardware.usable_bytes
+    assert k2_plan.cfg.memory.activation_offload_budget_gib == "auto"
+    for r in k2_plan.ranks:
+        o = r.offload
+        assert o.auto and 0 < o.device_peak <= o.budget and r.as_built.device_peak <= usable, r.pp
+        # The budget is exactly what is left beside the peak without it.
+        without = r.as_built.device_peak - o.device_peak
+        assert o.budget == auto_budget(usable, without, without, r.pp)
+    assert len({r.offload.budget for r in k2_plan.ranks}) > 8
+    cfg = load_config(ROOT / "configs" / "k2_1t.yaml", ["memory.activation_offload_budget_gib=16"])
+    fixed = make_plan(cfg, k2_plan.layout, HARDWARE["h800"])
+    assert {r.offload.budget for r in fixed.ranks} == {16 * GiB}
+    # More room kept on the device: less to host on every rank.
+    assert all(a.offload.host_bytes <= f.offload.host_bytes for a, f in zip(k2_plan.ranks, fixed.ranks))
+
+
+def test_auto_offload_budget_refuses_a_device_too_small_for_any(capsys):
+    """The runner refuses a rank that does not fit even offloading everything; the plan shows it."""
+    import dataclasses
+
+    from launch.cli import main
+    from parallel.plan import budgeted_offload
+
+    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", ["memory.activation_offload=true",
+                                                          "memory.activation_offload_budget_gib=auto"])
+    layout = make_layout(8, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                         micro_batches=None)
+    tiny_gpu = dataclasses.replace(HARDWARE["h800"], gpu_memory_gib=3.001)
+    sentence = (r"pipeline rank 0 peaks at [0-9.]+ MiB with every saved activation offloaded, over the 1.02 MiB of "
+                r"device memory it may use.")
+    with pytest.raises(ValueError, match=r"^memory.activation_offload_budget_gib: auto: " + sentence + "$"):
+        budgeted_offload(cfg, layout, split_layers(cfg.model.num_layers, layout.num_stages), 0, tiny_gpu)
+    plan = make_plan(cfg, layout, tiny_gpu)
+    assert plan.ranks[0].offload.budget == 0 and plan.ranks[0].as_built.device_peak > tiny_gpu.usable_bytes
+    assert main(["plan", "--config", str(ROOT / "configs" / "k2_tiny.yaml"), "--world-size", "8", "--set",
+                 "memory.activation_offload=true", "--set", "memory.activation_offload_budget_gib=auto",
+                 "--gpu-memory-gib", "3.001"]) == 0
+    assert "the runner refuses this config: pipeline rank 0 peaks at" in capsys.readouterr().out
 
 
 def test_interleaved_peak_in_flight_is_the_warmup_plus_one(k2_plan):

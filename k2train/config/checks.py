@@ -214,9 +214,10 @@ def _check_parallel(cfg: JobConfig, source: str) -> None:
 def _check_offload_budget(cfg: JobConfig, source: str) -> None:
     budget = cfg.memory.activation_offload_budget_gib
     # Without memory.activation_offload the budget has nothing to bound (everything stays).
-    if budget is not None and budget < 0:
-        raise ConfigError(f"{source}: memory.activation_offload_budget_gib must be at least 0 GiB or null, "
-                          f"got {budget!r}.")
+    if budget is None or budget == "auto" or (isinstance(budget, float) and budget >= 0):
+        return
+    raise ConfigError(f"{source}: memory.activation_offload_budget_gib must be a number of GiB of at least 0, "
+                      f"\"auto\" or null, got {budget!r}.")
 
 
 def _check_optimizer(cfg: JobConfig, source: str) -> None:

@@ -196,9 +196,11 @@ def _coerce(value: Any, tp: Any, dotted: str, origin: _Origin, expected: str = "
         if items is not None:
             return tuple(_coerce(v, t, f"{dotted}[{i}]", origin) for i, (v, t) in enumerate(items))
     else:
-        ok, converted = _scalar(value, tp)
-        if ok:
-            return converted
+        # A union of scalars (a number or a word, e.g. GiB or "auto"): the first type that fits.
+        for member in typing.get_args(tp) if _is_union(tp) else (tp,):
+            ok, converted = _scalar(value, member)
+            if ok:
+                return converted
     raise ConfigError(f"{origin.of(dotted)}: {dotted} must be {expected}, got {_got(value)}.")
 
 
@@ -229,15 +231,19 @@ def _tuple_items(tp: Any, value: Any) -> list[tuple[Any, Any]] | None:
     return list(zip(value, args)) if len(args) == len(value) else None
 
 
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (types.UnionType, typing.Union)
+
+
 def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+    return _is_union(tp) and type(None) in typing.get_args(tp)
 
 
 def _strip_none(tp: Any) -> Any:
     if not _is_optional(tp):
         return tp
-    (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-    return inner
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    return inner[0] if len(inner) == 1 else typing.Union[tuple(inner)]
 
 
 _SCALAR_NAMES = {bool: ("true or false", "booleans"), int: ("an int", "ints"),
@@ -248,6 +254,8 @@ def _describe(tp: Any) -> str:
     """What a field of type `tp` accepts, in words: "a float or null", "a list of 3 floats"."""
     if _is_optional(tp):
         return f"{_describe(_strip_none(tp))} or null"
+    if _is_union(tp):
+        return " or ".join(_describe(member) for member in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     if typing.get_origin(tp) is tuple:

@@ -129,8 +129,10 @@ class MemoryConfig:
     activation_offload: bool = False
     # With activation_offload: the GiB of floating-point saved activations a pipeline rank keeps on
     # the device; only the micro-batches whose backward comes last go to host (parallel/offload_budget.py).
-    # null: every micro-batch goes to host. Without activation_offload it has no effect.
-    activation_offload_budget_gib: float | None = None
+    # A number is the same budget on every pipeline rank; "auto" gives each pipeline rank the most
+    # its device memory leaves beside its planned peak (parallel/plan.py); null: every micro-batch
+    # goes to host. Without activation_offload it has no effect.
+    activation_offload_budget_gib: float | str | None = None
     # The owners' master weights and optimizer states live in host memory and reach the device a
     # chunk at a time for the update (K2_REFERENCE §3: with few nodes, optimizer states go to CPU).
     optimizer_offload: bool = False
