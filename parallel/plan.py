@@ -24,6 +24,7 @@ from parallel.plan_activations import ActivationSettings, Saved, stage_offloaded
 from parallel.plan_memory import (
     GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
 from parallel.offload_budget import AUTO, RankOffload, budget_bytes, offloaded_keys, rank_offload
+from parallel.overlap import overlap_runs
 from parallel.plan_time import (
     Hardware, LinkTraffic, bubble, collective_seconds, link_seconds, stage_train_flops)
 
@@ -131,7 +132,8 @@ def make_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, attention: str
     exposed = max(r.compute_s + sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic if t.overlapped)
                   for r in ranks)
     step_s = exposed + bubble_s + max(r.update_s for r in ranks)
-    step_built_s = max(_exposed_as_built(r) for r in ranks) + bubble_s + max(r.update_s for r in ranks)
+    ep_hidden = overlap_runs(cfg.parallel.overlap, layout.ep)
+    step_built_s = max(_exposed_as_built(r, ep_hidden) for r in ranks) + bubble_s + max(r.update_s for r in ranks)
     model_flops = cfg.train.global_batch_tokens * flops_per_token(cfg.model, cfg.data.seq_len).training
     return Plan(cfg, layout, hardware, attention, m, ranks, step_s, bubble_s, model_flops, tuple(split), step_built_s)
 
@@ -146,16 +148,13 @@ def rank_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, pp: int) -> Ra
                       pp, groups[pp])
 
 
-# The runtime does not overlap the EP all-to-all with compute yet: "as built" counts it exposed.
-EP_OVERLAP_BUILT = False
-
-
-def _exposed_as_built(r: RankPlan) -> float:
+def _exposed_as_built(r: RankPlan, ep_hidden: bool) -> float:
     """A rank's schedule time as the runtime runs it: compute, plus what overlapped traffic exceeds
-    it, plus the whole EP all-to-all while the runtime does not overlap it."""
-    ep = sum(t.seconds for t in r.traffic if t.name == "EP all-to-all") if not EP_OVERLAP_BUILT else 0.0
+    it, plus the whole EP all-to-all unless the runtime overlaps it (parallel.overlap, see
+    parallel/overlap.py `overlap_runs`)."""
+    ep = 0.0 if ep_hidden else sum(t.seconds for t in r.traffic if t.name == "EP all-to-all")
     rest = sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic
-               if t.overlapped and (EP_OVERLAP_BUILT or t.name != "EP all-to-all"))
+               if t.overlapped and (ep_hidden or t.name != "EP all-to-all"))
     return r.compute_s + ep + rest
 
 
@@ -183,7 +182,8 @@ def offload_inputs(cfg: JobConfig, layout: Layout, split: list[range], pp: int,
                             cfg.memory.selective_recompute)
     last = layout.num_stages - 1
     floating = {s: stage_offloaded(cfg.model, a, split[s], s == 0, s == last) for s in layout.stage_indices(pp)}
-    return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp), floating
+    paired = overlap_runs(cfg.parallel.overlap, layout.ep)
+    return schedule_ops(layout.pp, layout.vp, micro_batches_per_step(cfg, layout.dp), pp, paired), floating
 
 
 def activation_settings(cfg: JobConfig, layout: Layout, attention: str, fp8: bool, recompute: bool) -> ActivationSettings:
@@ -198,7 +198,8 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     last = layout.num_stages - 1
     a = activation_settings(cfg, layout, attention, cfg.memory.fp8_activations, cfg.memory.selective_recompute)
     p, T, D = a.dtype_bytes, a.tokens, cfg.model.hidden_size
-    ops = schedule_ops(layout.pp, layout.vp, m, pp)
+    paired = overlap_runs(cfg.parallel.overlap, layout.ep)
+    ops = schedule_ops(layout.pp, layout.vp, m, pp, paired)
     # (received input, output) of one micro-batch: hidden states, the token ids on stage 0, the logits on the last.
     boundary = {s: (p * T * D if s > 0 else 0, p * T * (cfg.model.vocab_size if s == last else D)) for s in stages}
     features = {}

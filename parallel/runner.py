@@ -26,6 +26,7 @@ from parallel.checkpoint import CheckpointError, router_bias_key
 from parallel.checkpoint_resume import resume_point
 from parallel.signals import stop_on_signal
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
 from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
 from parallel.plan import budgeted_offload
 from parallel.plan_time import device_hardware
@@ -63,11 +64,15 @@ class ParallelRunner:
         self.stage_indices = layout.stage_indices(coords.pp)
         parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
         dtype = getattr(torch, cfg.train.param_dtype)
+        # parallel.overlap (K2 §2.4): backwards take turns with forwards, their exchanges on a group of their own.
+        check_overlap(cfg.parallel.overlap, layout.ep)
+        self.turns = Turns() if cfg.parallel.overlap != "none" else None
+        backward_group = backward_expert_group(state) if self.turns is not None else None
         for part in parts:
             part.to(device=state.device, dtype=dtype)
             part.use_fp8_activation_storage(cfg.memory.fp8_activations)
             part.use_selective_recompute(cfg.memory.selective_recompute)
-            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep)
+            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group, self.turns)
         self.model = RankModel(parts)
         self.micro_batches = micro_batches_per_step(cfg, layout.dp)
         self.tokens_per_step = cfg.train.global_batch_tokens
@@ -87,7 +92,7 @@ class ParallelRunner:
             self.schedule = build_schedule(
                 self.stage_modules, self.stage_indices, layout.num_stages, self.micro_batches,
                 cfg.parallel.schedule, state.pipeline_group, state.device,
-                micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len),
+                micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len), turns=self.turns,
             )
         m = cfg.model
         self.start_step = 0
@@ -121,11 +126,13 @@ class ParallelRunner:
         return self._global_stats(loss_sum, max_logits_LH, counts_ME)
 
     def _run_local(self, inputs_BS, labels_BS):
-        """No pipeline: accumulate the micro-batches' gradients directly (one part holds every layer)."""
+        """No pipeline: accumulate the micro-batches' gradients directly (one part holds every layer);
+        with overlap, each backward runs beside the next forward (parallel/overlap.py)."""
         model = self.model.parts[0]
-        loss_sum = torch.zeros((), device=self.state.device)
-        max_logits, counts = None, None
-        for index, (x_BS, y_BS) in enumerate(zip(inputs_BS.chunk(self.micro_batches), labels_BS.chunk(self.micro_batches))):
+        batches = list(zip(inputs_BS.chunk(self.micro_batches), labels_BS.chunk(self.micro_batches)))
+
+        def forward(index: int):
+            x_BS, y_BS = batches[index]
             if self.saved is None:
                 out = model(x_BS)
                 output = out.output
@@ -133,11 +140,16 @@ class ParallelRunner:
                 with self.saved.record((0, index), tokens=x_BS.numel()):
                     out = model(x_BS)
                 output = self.saved.mark_backward_start(out.output, (0, index))
-            loss = lm_loss(output, y_BS)
-            loss.backward()
+            # Only the statistics are kept, not the outputs: memory stays as without the table.
+            return lm_loss(output, y_BS), out.max_logits_LH, out.expert_counts_ME
+
+        results = run_micro_batches(forward, lambda result: result[0].backward(), self.micro_batches, self.turns)
+        loss_sum = torch.zeros((), device=self.state.device)
+        max_logits, counts = None, None
+        for loss, max_logits_LH, counts_ME in results:
             loss_sum += loss.detach()
-            max_logits = out.max_logits_LH if max_logits is None else torch.maximum(max_logits, out.max_logits_LH)
-            counts = out.expert_counts_ME if counts is None else counts + out.expert_counts_ME
+            max_logits = max_logits_LH if max_logits is None else torch.maximum(max_logits, max_logits_LH)
+            counts = counts_ME if counts is None else counts + counts_ME
         return loss_sum, max_logits, counts
 
     def _run_pipeline(self, inputs_BS, labels_BS):
@@ -158,9 +170,9 @@ class ParallelRunner:
         if self.schedule is None:
             return [(0, m) for m in range(self.micro_batches)]
         starts = (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_INPUT)
-        actions = self.schedule.pipeline_order[self.state.coords.pp]
-        return [(a.stage_index, a.microbatch_index) for a in actions
-                if a is not None and a.computation_type in starts]
+        actions = [sub for a in self.schedule.pipeline_order[self.state.coords.pp] if a is not None
+                   for sub in a.sub_actions or (a,)]
+        return [(a.stage_index, a.microbatch_index) for a in actions if a.computation_type in starts]
 
     @torch.no_grad()
     def _global_stats(self, loss_sum, local_max_logits_LH, local_counts_ME) -> StepResult:

@@ -22,8 +22,22 @@ class Op(NamedTuple):
 
 def rank_order(pp: int, vp: int, microbatches: int, rank: int) -> list[Op]:
     """The compute operations of pipeline rank `rank`, in the order it runs them."""
+    return [op for step in _rank_steps(pp, vp, microbatches, rank, extra_warmup=0) for op in step]
+
+
+def paired_order(pp: int, vp: int, microbatches: int, rank: int) -> list[tuple[Op, ...]]:
+    """Rank `rank`'s order with communication overlap (K2 §2.4): one more warm-up forward than
+    `rank_order`, then each forward of the steady state paired with the backward after it, to run
+    as one action (each one's expert all-to-all in flight while the other computes), then the
+    remaining backwards. The extra warm-up forward is what makes every pair independent: without
+    it, a rank's last stage would pair a micro-batch's forward with its own backward."""
+    return _rank_steps(pp, vp, microbatches, rank, extra_warmup=1)
+
+
+def _rank_steps(pp: int, vp: int, microbatches: int, rank: int, extra_warmup: int) -> list[tuple[Op, ...]]:
+    """Warm-up forwards, steady-state (forward, backward) pairs, drain backwards."""
     total = microbatches * vp
-    warmup = min((pp - rank - 1) * 2 + (vp - 1) * pp, total)
+    warmup = min((pp - rank - 1) * 2 + (vp - 1) * pp + extra_warmup, total)
 
     def stage(k: int, forward: bool) -> int:
         chunk = (k % (pp * vp)) // pp
@@ -32,12 +46,18 @@ def rank_order(pp: int, vp: int, microbatches: int, rank: int) -> list[Op]:
     def microbatch(k: int) -> int:
         return (k // (pp * vp)) * pp + k % pp
 
-    ops = [Op("F", stage(k, True), microbatch(k)) for k in range(warmup)]
-    for k in range(total - warmup):
-        ops.append(Op("F", stage(warmup + k, True), microbatch(warmup + k)))
-        ops.append(Op("B", stage(k, False), microbatch(k)))
-    ops += [Op("B", stage(k, False), microbatch(k)) for k in range(total - warmup, total)]
-    return ops
+    steps: list[tuple[Op, ...]] = [(Op("F", stage(k, True), microbatch(k)),) for k in range(warmup)]
+    steps += [(Op("F", stage(warmup + k, True), microbatch(warmup + k)), Op("B", stage(k, False), microbatch(k)))
+              for k in range(total - warmup)]
+    steps += [(Op("B", stage(k, False), microbatch(k)),) for k in range(total - warmup, total)]
+    return steps
+
+
+def paired_timeline(pp: int, vp: int, microbatches: int) -> dict[int, list[tuple[Op, ...] | None]]:
+    """Every rank's time line of `paired_order` (a pair takes one clock step; None: waiting). A pair
+    starts when all its operations' inputs are ready; raises if the orders cannot finish."""
+    orders = {r: paired_order(pp, vp, microbatches, r) for r in range(pp)}
+    return _simulate(orders, pp * vp, 4 * (pp + 2 * vp * microbatches))
 
 
 def _dependencies(op: Op, num_stages: int) -> list[Op]:
@@ -51,27 +71,34 @@ def _dependencies(op: Op, num_stages: int) -> list[Op]:
 
 def timeline(pp: int, vp: int, microbatches: int) -> dict[int, list[Op | None]]:
     """Every rank's time line: at each clock step the op it runs, or None when it waits."""
-    orders = {r: rank_order(pp, vp, microbatches, r) for r in range(pp)}
+    orders = {r: [(op,) for op in rank_order(pp, vp, microbatches, r)] for r in range(pp)}
+    lines = _simulate(orders, pp * vp, 4 * (pp + 2 * vp * microbatches))
+    return {r: [None if step is None else step[0] for step in line] for r, line in lines.items()}
+
+
+def _simulate(orders: dict[int, list[tuple[Op, ...]]], num_stages: int, limit: int) -> dict[int, list]:
+    """Run every rank's steps on a clock: a step runs once all its ops' inputs finished in an earlier
+    step (an op may not need another op of its own step)."""
+    pp = len(orders)
     finished: dict[Op, int] = {}
-    lines: dict[int, list[Op | None]] = {r: [] for r in range(pp)}
+    lines: dict[int, list] = {r: [] for r in range(pp)}
     step = 0
-    limit = 4 * (pp + 2 * vp * microbatches)
     while any(len(lines[r]) - lines[r].count(None) < len(orders[r]) for r in range(pp)):
         ran = {}
         for r in range(pp):
             done = len(lines[r]) - lines[r].count(None)
             if done == len(orders[r]):
                 continue
-            op = orders[r][done]
-            ready = all(finished.get(dep, step) < step for dep in _dependencies(op, pp * vp))
-            ran[r] = op if ready else None
-        for r, op in ran.items():
-            lines[r].append(op)
-            if op is not None:
+            ops = orders[r][done]
+            ready = all(finished.get(dep, step) < step for op in ops for dep in _dependencies(op, num_stages))
+            ran[r] = ops if ready else None
+        for r, ops in ran.items():
+            lines[r].append(ops)
+            for op in ops or ():
                 finished[op] = step
         step += 1
         if step > limit:
-            raise RuntimeError(f"interleaved schedule for pp={pp} vp={vp} m={microbatches} does not finish.")
+            raise RuntimeError(f"the pipeline schedule of {pp} ranks and {num_stages} stages does not finish.")
     return lines
 
 

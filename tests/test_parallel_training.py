@@ -48,7 +48,7 @@ def run_steps(payload: dict) -> dict:
     state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
     runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]), trace_schedule=True)
     steps = []
-    for _ in range(STEPS):
+    for _ in range(payload.get("steps", STEPS)):
         result = runner.forward_backward()
         grads = runner.owned_gradients()
         norm = runner.clip_gradients(cfg.optimizer.max_grad_norm)
@@ -62,7 +62,8 @@ def run_steps(payload: dict) -> dict:
     if state.is_distributed:
         torch.distributed.destroy_process_group()
     return dict(steps=steps, params=params, biases=biases, first_expert=first_expert,
-                coords=state.coords, schedule=runner.schedule_table(), trace=getattr(runner, "trace", None))
+                coords=state.coords, schedule=runner.schedule_table(), trace=getattr(runner, "trace", None),
+                hand_overs=0 if runner.turns is None else runner.turns.hand_overs)
 
 
 def _named_params(runner):

@@ -305,3 +305,20 @@ def test_plan_command_prints_tiny_and_k2_1t(capsys):
 
 if __name__ == "__main__":
     _fused_child(sys.argv[1])
+
+
+def test_ep_all_to_all_is_hidden_as_built_only_where_the_runtime_overlaps_it(k2_plan):
+    """K2 §2.4's overlap: without parallel.overlap each exchange blocks its micro-batch, so as built the
+    step pays all of it; with overlap=ep and the interleaved 1F1B it hides like the ideal, at the
+    price of one more micro-batch in flight (the extra warm-up forward)."""
+    import dataclasses
+
+    cfg = k2_plan.cfg
+    assert cfg.parallel.overlap == "none" and cfg.parallel.schedule == "interleaved_1f1b"
+    ep_s = max(t.seconds for r in k2_plan.ranks for t in r.traffic if t.name == "EP all-to-all")
+    assert k2_plan.step_built_s > k2_plan.step_s + 0.5 * ep_s
+    on = make_plan(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, overlap="ep")),
+                   k2_plan.layout, HARDWARE["h800"])
+    assert on.step_built_s == pytest.approx(on.step_s) and on.step_s == pytest.approx(k2_plan.step_s)
+    for before, after in zip(k2_plan.ranks, on.ranks):
+        assert after.as_built.device_peak > before.as_built.device_peak

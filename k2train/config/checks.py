@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 EXPERT_IMPLS = ("grouped_mm", "loop")
 SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble")
+OVERLAPS = ("none", "ep")
 DEVICES = ("cpu", "cuda", "auto")
 PARAM_DTYPES = ("float32", "bfloat16")
 RANK_AXES = ("ep", "pp", "dp")
@@ -86,6 +87,7 @@ _BOUNDS: tuple[tuple[str, _Bound], ...] = (
 _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model.expert_impl", EXPERT_IMPLS),
     ("parallel.schedule", SCHEDULES),
+    ("parallel.overlap", OVERLAPS),
     ("parallel.device", DEVICES),
     ("train.param_dtype", PARAM_DTYPES),
     ("optimizer.ns_dtype", PARAM_DTYPES),

@@ -77,6 +77,9 @@ class ParallelConfig:
     gpus_per_node: int = 8
     # "interleaved_1f1b" or "interleaved_zero_bubble".
     schedule: str = "interleaved_1f1b"
+    # "none", or "ep": the forward of one micro-batch runs beside the backward of another so each
+    # one's expert all-to-all is in flight while the other computes (K2 §2.4; parallel/overlap.py).
+    overlap: str = "none"
     # Layers of each of the pp * vp virtual stages, in stage order; None splits them evenly.
     stage_layers: tuple[int, ...] | None = None
     # "cpu", "cuda" or "auto" (cuda when available).

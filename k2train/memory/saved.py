@@ -19,6 +19,7 @@ scales included; integer tensors (token indices, expert offsets) are small and s
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -73,12 +74,21 @@ def _scope_order(scope: str) -> tuple[int, int]:
 
 class LayerScopes:
     """Names the model scope that is running (forward hooks on the embedding, each decoder layer
-    and the head), so a saved tensor can be attributed to its layer. The model is not changed."""
+    and the head), so a saved tensor can be attributed to its layer. The model is not changed.
+
+    Each thread has its own scope stack: with communication overlap a backward (and the forwards it
+    recomputes) takes turns with another micro-batch's forward (parallel/overlap.py)."""
 
     def __init__(self) -> None:
-        self._stack: list[str] = []
+        self._local = threading.local()
         self._handles: list = []
-        self.on_change = lambda: None  # called whenever the current scope changes
+        self.on_change = lambda: None  # called whenever the calling thread's scope changes
+
+    @property
+    def _stack(self) -> list[str]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
 
     @property
     def current(self) -> str:
@@ -124,7 +134,8 @@ class SavedActivations:
         self._live = {storage_key(t) for m in models for t in [*m.parameters(), *m.buffers()]}
         self.scopes = LayerScopes()
         self.scopes.attach(models)
-        self.scopes.on_change = self._new_scope
+        self.scopes.on_change = self._scope_changed
+        self._recording: int | None = None  # the thread inside `record`, whose scopes count
         # Within one scope: storages already counted, host copies already made, and the saved
         # tensors themselves (held until the scope ends so no address is reused mid-scope).
         self._seen: set[tuple[torch.device, int]] = set()
@@ -135,6 +146,10 @@ class SavedActivations:
     def close(self) -> None:
         self.scopes.detach()
 
+    def _scope_changed(self) -> None:
+        if threading.get_ident() == self._recording:
+            self._new_scope()
+
     def _new_scope(self) -> None:
         self._seen.clear()
         self._copies.clear()
@@ -142,7 +157,7 @@ class SavedActivations:
 
     @contextmanager
     def record(self, key: object, tokens: int) -> Iterator[None]:
-        self._key = key
+        self._key, self._recording = key, threading.get_ident()
         if self.offloader is not None:
             self.offloader.begin_forward(key)
         try:
@@ -150,7 +165,7 @@ class SavedActivations:
                 yield
         finally:
             self._new_scope()
-            self._key = None
+            self._key, self._recording = None, None
             self.bytes.tokens += tokens
 
     def mark_backward_start(self, output: torch.Tensor, key: object) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""Communication overlap (parallel/overlap.py): the paired order is a valid schedule, layouts it
+cannot run are refused, and on gloo the overlapped step gives bit for bit the plain step's losses,
+max logits, expert loads and reduced gradients (backwards keep their order, so every addition does).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multiproc import run_world
+from parallel.overlap import Turns, check_overlap, overlap_runs
+from parallel.schedule_table import Op, paired_order, paired_timeline, rank_order
+from test_parallel_training import BASE, data, layout_overrides  # noqa: F401 (data is a fixture)
+
+
+@pytest.mark.parametrize("pp,vp,microbatches", [(1, 1, 1), (1, 1, 5), (2, 1, 4), (2, 2, 4), (4, 2, 8), (16, 2, 32)])
+def test_paired_order_is_a_valid_schedule(pp, vp, microbatches):
+    lines = paired_timeline(pp, vp, microbatches)  # raises if the ranks' pairs wait on each other for ever
+    for rank in range(pp):
+        steps = paired_order(pp, vp, microbatches, rank)
+        assert all(len(step) in (1, 2) for step in steps)
+        assert all([op.kind for op in step] == ["F", "B"] for step in steps if len(step) == 2)
+        # Every forward and backward once, each kind in the order of the plain interleaved 1F1B.
+        flat = [op for step in steps for op in step]
+        plain = rank_order(pp, vp, microbatches, rank)
+        assert sorted(flat) == sorted(plain)
+        for kind in "FB":
+            assert [op for op in flat if op.kind == kind] == [op for op in plain if op.kind == kind]
+        assert [step for step in lines[rank] if step is not None] == steps
+    # The steady state is pairs: with pp = 1, all but the first forward and the last backward.
+    if pp == 1:
+        assert sum(len(step) == 2 for step in paired_order(1, 1, microbatches, 0)) == microbatches - 1
+
+
+def test_turns_alternate_at_every_hand_over_and_run_one_task_at_a_time():
+    turns, log, running = Turns(), [], []
+
+    def task(name: str, steps: int):
+        def run():
+            for i in range(steps):
+                running.append(name)
+                assert running == [name]  # the other task is waiting, never running beside this one
+                log.append(f"{name}{i}")
+                running.pop()
+                turns.hand_over()
+            return name
+        return run
+
+    assert turns.run_pair(task("F", 3), task("B", 5)) == "F"
+    # Strict alternation while both live; the longer task then runs on alone.
+    assert log == ["F0", "B0", "F1", "B1", "F2", "B2", "B3", "B4"]
+    turns.hand_over()  # outside a pair: returns at once
+    turns.close()
+
+
+def test_an_error_in_either_task_is_raised_after_both_end():
+    turns, ended = Turns(), []
+
+    def failing():
+        turns.hand_over()
+        raise RuntimeError("backward failed")
+
+    def other():
+        for _ in range(3):
+            turns.hand_over()
+        ended.append(True)
+
+    with pytest.raises(RuntimeError, match="backward failed"):
+        turns.run_pair(other, failing)
+    assert ended == [True]
+    turns.close()
+
+
+def test_a_layout_with_nothing_to_overlap_is_refused():
+    assert overlap_runs("ep", 4) and not overlap_runs("none", 4)
+    check_overlap("none", 1)
+    check_overlap("ep", 2)
+    with pytest.raises(ValueError, match="parallel.ep is 1"):
+        check_overlap("ep", 1)
+
+
+def test_config_rejects_unknown_overlap():
+    from pathlib import Path
+
+    from k2train.config.load import load_config
+
+    with pytest.raises(Exception, match="parallel.overlap"):
+        load_config(Path(__file__).parents[1] / "configs" / "k2_tiny.yaml", ["parallel.overlap=everything"])
+
+
+# PP1 x EP4: forward m+1 paired with backward m, with activation offload and selective recompute (a
+# pair's forward packs while its backward fetches and recomputes); PP2 x V2 x EP2 x DP2: pairs inside
+# the interleaved 1F1B, with the data-parallel reduction and the pipeline's sends and receives around
+# them; PP2 x EP2 zero-bubble: the input-gradient pass paired, the weight-gradient pass after it.
+MEMORY = ["memory.activation_offload=true", "memory.selective_recompute=true"]
+
+
+@pytest.mark.parametrize("layout,extra", [
+    ((1, 1, 4, 1, "interleaved_1f1b"), MEMORY),
+    ((2, 2, 2, 2, "interleaved_1f1b"), []),
+    ((2, 1, 2, 1, "interleaved_zero_bubble"), []),
+], ids=["pp1xep4-offload-recompute", "pp2xvp2xep2xdp2", "pp2xep2-zero-bubble"])
+def test_overlap_matches_plain_bit_for_bit(layout, extra, data):
+    pp, vp, ep, dp, schedule = layout
+    overrides = BASE + layout_overrides(pp, vp, ep, dp, schedule) + extra
+    plain = run_world(pp * ep * dp, "test_parallel_training:run_steps", dict(overrides=overrides, data=data, steps=2))
+    overlapped = run_world(pp * ep * dp, "test_parallel_training:run_steps",
+                           dict(overrides=overrides + ["parallel.overlap=ep"], data=data, steps=2))
+    for rank, (want, got) in enumerate(zip(plain, overlapped, strict=True)):
+        # The overlapped run really paired: exchanges handed the turn over, pipelines ran pairs.
+        assert want["hand_overs"] == 0 and got["hand_overs"] > 0, rank
+        if pp > 1:
+            assert any("OVERLAP_F_B" in str(a) for a in got["schedule"][got["coords"].pp] if a), rank
+        for step, (w, g) in enumerate(zip(want["steps"], got["steps"], strict=True), start=1):
+            assert g["loss"] == w["loss"], (rank, step)
+            assert g["norm"] == w["norm"], (rank, step)
+            assert torch.equal(g["max_logits"], w["max_logits"]), (rank, step)
+            assert torch.equal(g["counts"], w["counts"]), (rank, step)
+            assert g["grads"].keys() == w["grads"].keys()
+            for key, grad in g["grads"].items():
+                assert torch.equal(grad, w["grads"][key]), (rank, step, key)
+        for name, param in got["params"].items():
+            assert torch.equal(param, want["params"][name]), (rank, name)
