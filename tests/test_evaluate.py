@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from multiproc import run_world
-from test_parallel_training import BASE, layout_overrides
+from test_parallel_training import BASE, data, layout_overrides  # noqa: F401 (data is a fixture)
 
 ROOT = Path(__file__).parents[1]
 EVAL = ["data.valid_fraction=0.2", "train.eval_every=1", "train.eval_batches=2"]
@@ -55,17 +55,6 @@ def eval_steps(payload: dict) -> dict:
     if state.is_distributed:
         torch.distributed.destroy_process_group()
     return out
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    from k2train.data.prepare import prepare_dataset
-
-    import json as json_package
-
-    out = tmp_path_factory.mktemp("data") / "sources"
-    prepare_dataset(sorted(Path(json_package.__file__).parent.glob("*.py")), out, "byte")
-    return str(out)
 
 
 def _run(world: int, layout: list[str], data: str, evaluate: bool) -> list[dict]:

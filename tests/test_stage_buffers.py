@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from torch.distributed.pipelining.schedules import _Action, _add_unshard_reshard
 from multiproc import run_world
 from parallel.schedule_table import rank_order, timeline
 from parallel.stage_buffers import interleaved_1f1b_actions, with_unshard_reshard
+from test_parallel_training import data  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).parents[1]
 PP, VP, MICRO_BATCHES = 2, 2, 16
@@ -74,15 +74,6 @@ def measure_rank(payload: dict) -> dict:
                   stages=[s.stage_index for s in stages], shared_log=all(s.log is log for s in stages))
     torch.distributed.destroy_process_group()
     return result
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    from k2train.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "sources"
-    prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), out, "byte")
-    return str(out)
 
 
 @pytest.mark.parametrize("schedule", ["interleaved_1f1b", "interleaved_zero_bubble"])

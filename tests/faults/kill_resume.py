@@ -70,6 +70,17 @@ def start_until_checkpoint(tmp: Path, name: str, restarts: int, step: int) -> su
     return job
 
 
+def compare_with_whole(tmp: Path, name: str, what: str) -> int:
+    """0 when job `name`'s final checkpoint equals the uninterrupted run's bit for bit, else 1."""
+    whole, other = final_tensors(tmp / "whole" / "ckpt", tmp), final_tensors(tmp / name / "ckpt", tmp)
+    different = [k for k in whole if not torch.equal(whole[k], other[k])]
+    if whole.keys() != other.keys() or different:
+        print(f"FAIL: final state differs from the uninterrupted run in {different[:5]}")
+        return 1
+    print(f"PASS: {what}, all {len(whole)} tensors of step {STEPS} equal the uninterrupted run")
+    return 0
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         tmp = Path(root)
@@ -86,13 +97,7 @@ def main() -> int:
             return 1
         resumed = [line for line in output.splitlines() if "resumed from" in line]
         print(resumed[0])
-        whole, faulted = final_tensors(tmp / "whole" / "ckpt", tmp), final_tensors(tmp / "faulted" / "ckpt", tmp)
-        different = [k for k in whole if not torch.equal(whole[k], faulted[k])]
-        if whole.keys() != faulted.keys() or different:
-            print(f"FAIL: final state differs from the uninterrupted run in {different[:5]}")
-            return 1
-        print(f"PASS: after the kill and restart, all {len(whole)} tensors of step {STEPS} equal the uninterrupted run")
-        return 0
+        return compare_with_whole(tmp, "faulted", "after the kill and restart")
 
 
 if __name__ == "__main__":
