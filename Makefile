@@ -69,7 +69,7 @@ bench-memory: install
 bench-convert: install
 	$(BIN)/python tests/benchmarks/bench_convert.py
 
-# Pipeline stages split by layer count vs by cost (parallel/stage_split.py) on a tiny model whose head
+# Pipeline stages split by layer count vs by cost (parallel/pipeline/split.py) on a tiny model whose head
 # is a large share of the cost: each rank's forward+backward time, side by side (not a test).
 bench-split: install
 	$(BIN)/python tests/benchmarks/bench_stage_split.py

@@ -239,7 +239,7 @@ def newton_schulz(b: Bench) -> dict:
     from k2train.kernels.newton_schulz import newton_schulz_fast
     from k2train.optim.newton_schulz import K2_NS_COEFFICIENTS as COEF
     from k2train.optim.newton_schulz import _newton_schulz_eager
-    from parallel.ownership import newton_schulz_flops
+    from parallel.zero1.ownership import newton_schulz_flops
 
     E, n, m = b.sizes.newton_schulz
     G = b.randn(E, n, m)

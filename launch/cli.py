@@ -11,13 +11,13 @@ import sys
 from k2train.config.checks import ConfigError
 from k2train.data.errors import DataError
 from k2train.data.prepare import add_data_parser
-from parallel.checkpoint import CheckpointError
-from parallel.convert import add_convert_parser
+from parallel.checkpoint.checkpointer import CheckpointError
+from parallel.checkpoint.convert import add_convert_parser
 from parallel.layout import LayoutError
-from parallel.layout_report import add_layout_parser
-from parallel.optimizer_plan import add_optimizer_plan_parser
-from parallel.plan_report import add_plan_parser
-from parallel.profile_cli import add_profile_parser
+from parallel.plan.layout_report import add_layout_parser
+from parallel.plan.optimizer import add_optimizer_plan_parser
+from parallel.plan.report import add_plan_parser
+from launch.profile_cli import add_profile_parser
 
 
 def _run_train(args: argparse.Namespace) -> int:

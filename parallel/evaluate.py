@@ -27,7 +27,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from parallel.pipeline import lm_loss
+from parallel.pipeline.stages import lm_loss
 
 
 class Evaluator:

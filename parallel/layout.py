@@ -21,7 +21,8 @@ import enum
 import itertools
 from dataclasses import dataclass
 
-from k2train.config.checks import world_problem
+from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp, world_problem
+from k2train.config.schema import JobConfig
 from k2train.config.schema import ParallelConfig
 
 
@@ -259,3 +260,20 @@ def _check_micro_batches(micro_batches: int, pp: int) -> None:
     raise LayoutError(
         f"train.global_batch_tokens gives {micro_batches} micro-batches per step on each sequence rank, "
         f"but the interleaved schedule over parallel.pp={pp} needs {need}.")
+
+
+def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched world") -> Layout:
+    """The validated layout of `cfg` on `world_size` ranks (raises ConfigError / LayoutError)."""
+    p = cfg.parallel
+    if world_size == 1 and p.pp * p.ep * (p.dp or 1) > 1:
+        raise ConfigError(
+            f"{cfg.name} lays out parallel.pp {p.pp} x parallel.ep {p.ep} x parallel.dp {p.dp}, which needs "
+            f"{p.pp * p.ep * (p.dp or 1)} or more processes, but this is one; launch it with "
+            f"`torchrun --nproc-per-node N -m k2train train ...` or set parallel.pp=1 parallel.vp=1 "
+            f"parallel.ep=1 parallel.dp=1."
+        )
+    dp = resolve_dp(p, world_size, source)
+    return make_layout(
+        world_size, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+        micro_batches=micro_batches_per_step(cfg, dp),
+    )

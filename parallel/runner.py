@@ -22,17 +22,17 @@ from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
-from parallel.checkpoint import CheckpointError, router_bias_key
-from parallel.checkpoint_resume import resume_point
+from parallel.checkpoint.checkpointer import CheckpointError, router_bias_key
+from parallel.checkpoint.resume import resume_point
 from parallel.signals import stop_on_signal
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
-from parallel.pipeline import StageModule, build_schedule, build_stage_models, lm_loss
-from parallel.plan import budgeted_offload
-from parallel.plan_time import device_hardware
-from parallel.stage_split import choose_split
+from parallel.experts import apply_expert_parallel
+from parallel.pipeline.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
+from parallel.pipeline.stages import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.plan.planner import budgeted_offload
+from parallel.plan.cost import device_hardware
+from parallel.pipeline.split import choose_split
 from parallel.state import ParallelState
-from parallel.zero1 import ShardedMuonClip
+from parallel.zero1.optimizer import ShardedMuonClip
 
 
 class RankModel(nn.Module):
@@ -127,7 +127,7 @@ class ParallelRunner:
 
     def _run_local(self, inputs_BS, labels_BS):
         """No pipeline: accumulate the micro-batches' gradients directly (one part holds every layer);
-        with overlap, each backward runs beside the next forward (parallel/overlap.py)."""
+        with overlap, each backward runs beside the next forward (parallel/pipeline/overlap.py)."""
         model = self.model.parts[0]
         batches = list(zip(inputs_BS.chunk(self.micro_batches), labels_BS.chunk(self.micro_batches)))
 
@@ -214,7 +214,7 @@ class ParallelRunner:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Logical key -> live view of everything this rank saves or restores (parallel/checkpoint.py)."""
+        """Logical key -> live view of everything this rank saves or restores (parallel/checkpoint/checkpointer.py)."""
         tensors = self.optimizer.checkpoint_tensors()
         for layer, bias in zip(self.model.moe_layer_ids(), self.model.router_biases(), strict=True):
             tensors[router_bias_key(layer)] = bias

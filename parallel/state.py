@@ -142,7 +142,7 @@ def init_parallel(layout: Layout, env: LaunchEnv, device: torch.device) -> Paral
             backend, store=rendezvous_store(env), rank=env.rank, world_size=env.world_size,
             timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None,
         )
-    groups = {kind: _my_group(layout, kind, env.rank) for kind in ("pipeline", "expert", "dense", "expert_grad")}
+    groups = {kind: my_group(layout, kind, env.rank) for kind in ("pipeline", "expert", "dense", "expert_grad")}
     return ParallelState(
         layout, env.rank, layout.coords(env.rank), device,
         groups["pipeline"], groups["expert"], groups["dense"], groups["expert_grad"],
@@ -195,7 +195,7 @@ def _rendezvous_failure(env: LaunchEnv, hosts: bool, err: Exception) -> str:
             f"or raise {RENDEZVOUS_TIMEOUT_VAR}.")
 
 
-def _my_group(layout: Layout, kind: str, rank: int) -> dist.ProcessGroup | None:
+def my_group(layout: Layout, kind: str, rank: int) -> dist.ProcessGroup | None:
     """Create every group of `kind` (all ranks must take part in each creation) and keep ours."""
     all_groups = layout.groups(kind)
     if len(all_groups[0]) == 1:

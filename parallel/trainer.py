@@ -14,37 +14,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
 from k2train.train.loop import NonFiniteLossError, RunResult, data_prefix, open_samplers, train
-from parallel.checkpoint import Checkpointer, gather_objects
-from parallel.checkpoint_lock import CheckpointLock
-from parallel.checkpoint_metadata import CheckpointError
-from parallel.checkpoint_resume import StoppedRunError, record_stop
+from parallel.checkpoint.checkpointer import Checkpointer, gather_objects
+from parallel.checkpoint.lock import CheckpointLock
+from parallel.checkpoint.metadata import CheckpointError
+from parallel.checkpoint.resume import StoppedRunError, record_stop
 from parallel.evaluate import Evaluator
 from parallel.preflight import check_paths
 from parallel.signals import JobStopped, StopSignals
-from parallel.layout import Layout, make_layout
-from parallel.pipeline import describe_split
+from parallel.layout import layout_for
+from parallel.pipeline.split import describe_split
 from parallel.runner import ParallelRunner
 from parallel.state import LaunchEnv, LaunchError, ParallelState, device_for, init_parallel, launch_env
-
-
-def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched world") -> Layout:
-    """The validated layout of `cfg` on `world_size` ranks (raises ConfigError / LayoutError)."""
-    p = cfg.parallel
-    if world_size == 1 and p.pp * p.ep * (p.dp or 1) > 1:
-        raise ConfigError(
-            f"{cfg.name} lays out parallel.pp {p.pp} x parallel.ep {p.ep} x parallel.dp {p.dp}, which needs "
-            f"{p.pp * p.ep * (p.dp or 1)} or more processes, but this is one; launch it with "
-            f"`torchrun --nproc-per-node N -m k2train train ...` or set parallel.pp=1 parallel.vp=1 "
-            f"parallel.ep=1 parallel.dp=1."
-        )
-    dp = resolve_dp(p, world_size, source)
-    return make_layout(
-        world_size, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
-        micro_batches=micro_batches_per_step(cfg, dp),
-    )
 
 
 def exit_code(job: Callable[[], object]) -> int:
@@ -116,7 +98,7 @@ def _lock(cfg: JobConfig, root: Path, state: ParallelState) -> CheckpointLock | 
 
 def _train_locked(cfg: JobConfig, state: ParallelState, signals: StopSignals, root: Path,
                   lock: CheckpointLock | None) -> RunResult:
-    sampler, valid_sampler = open_samplers(cfg, _shared_data_prefix(cfg, state))
+    sampler, valid_sampler = open_samplers(cfg, shared_data_prefix(cfg, state))
     runner = ParallelRunner(cfg, state, sampler)
     evaluation = Evaluator(runner, valid_sampler, cfg.train.eval_batches) if valid_sampler and cfg.train.eval_every else None
     layout = state.layout
@@ -138,7 +120,7 @@ def checkpoint_root(cfg: JobConfig) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.logging.run_root) / cfg.name / "checkpoints"
 
 
-def _shared_data_prefix(cfg: JobConfig, state: ParallelState) -> str:
+def shared_data_prefix(cfg: JobConfig, state: ParallelState) -> str:
     """The data prefix; the embedded corpus is prepared by rank 0 alone while the others wait."""
     if cfg.data.prefix or not state.is_distributed:
         return data_prefix(cfg)

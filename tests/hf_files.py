@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from k2train.model import K2Model
 from k2train.model.hf_names import hf_config_dict, to_hf_state_dict
-from parallel.hf_fp8 import BLOCK, quantize_fp8_block, scale_name
+from parallel.checkpoint.hf_fp8 import BLOCK, quantize_fp8_block, scale_name
 
 
 def is_fp8_in_release(name: str) -> bool:

@@ -86,7 +86,7 @@ def test_multi_process_resume_is_bit_for_bit(tmp):
         assert torch.equal(a[key], b[key]), key
 
 
-# Another split of the layers over the stages: the last stage holds only the head (parallel/stage_split.py).
+# Another split of the layers over the stages: the last stage holds only the head (parallel/pipeline/split.py).
 RESPLIT = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=1", "parallel.dp=1", "parallel.stage_layers=[2,1,1,0]"]
 
 
@@ -129,9 +129,9 @@ def test_a_per_rank_hf_import_writes_the_items_each_trainer_rank_owns(tmp):
     trainer's rank r keeps: one ownership rule (cost-balanced stage split, ZeRO-1 owners, row
     blocks) for both. Five layers: the balanced split is not the even one."""
     from k2train.config.load import load_config
-    from parallel.checkpoint_metadata import METADATA_JSON
-    from parallel.convert_import import rank_targets
-    from parallel.trainer import layout_for
+    from parallel.checkpoint.metadata import METADATA_JSON
+    from parallel.checkpoint.hf_import import rank_targets
+    from parallel.layout import layout_for
 
     run(tmp, "owners", WIDE, 1, tmp / "c-owners", 8, BLOCKS, "model.num_layers=5")
     index = json.loads((tmp / "c-owners" / "step_00000001" / METADATA_JSON).read_text())
@@ -148,7 +148,7 @@ def test_a_per_rank_hf_import_writes_the_items_each_trainer_rank_owns(tmp):
 
 def test_another_adamw_block_size_is_refused_by_name(tmp):
     """The keys of a large AdamW parameter follow optimizer.adamw_block_elements: another value names it."""
-    from parallel.checkpoint import CheckpointError
+    from parallel.checkpoint.checkpointer import CheckpointError
 
     _reshard_source(tmp)
     shutil.copytree(tmp / "c-reshard-src", tmp / "c-blocks")
@@ -196,7 +196,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp):
 
 
 def test_corrupt_missing_and_foreign_checkpoints_are_refused(tmp):
-    from parallel.checkpoint import CheckpointError
+    from parallel.checkpoint.checkpointer import CheckpointError
 
     run(tmp, "bad", ONE, 1, tmp / "c-bad", 1)
     step = tmp / "c-bad" / "step_00000001"

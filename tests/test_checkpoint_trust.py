@@ -19,9 +19,9 @@ from k2train.data.prepare import prepare_dataset
 from k2train.model import K2Model
 from k2train.train.loop import NonFiniteLossError
 from multiproc import run_world
-from parallel.checkpoint import MANIFEST, CheckpointError, Checkpointer, _file_digest
-from parallel.checkpoint_lock import CheckpointLock, CheckpointLockError
-from parallel.checkpoint_metadata import METADATA_JSON
+from parallel.checkpoint.checkpointer import MANIFEST, CheckpointError, Checkpointer, _file_digest
+from parallel.checkpoint.lock import CheckpointLock, CheckpointLockError
+from parallel.checkpoint.metadata import METADATA_JSON
 from parallel.preflight import PathError
 from parallel.trainer import run_training
 
@@ -106,7 +106,7 @@ def test_a_json_index_pointing_outside_the_checkpoint_is_refused(tmp_path):
 
 def resave_and_die(payload: dict) -> None:
     """Save step 1, then re-save it and die (like SIGKILL) at the named point of the publish."""
-    import parallel.checkpoint as checkpoint
+    import parallel.checkpoint.checkpointer as checkpoint
 
     ck = small_checkpointer(Path(payload["tmp"]))
     ck.save(1, {"model/x": torch.zeros(4)}, {}, {"world_size": 1})
@@ -134,7 +134,7 @@ def test_a_kill_inside_the_resave_window_keeps_a_complete_latest(tmp_path, at, v
     copies = sorted(p.name for p in root.glob("step_00000001*"))
     assert len(copies) == 2 and copies[0] == "step_00000001" and copies[1].startswith("step_00000001.r")
     out = {"model/x": torch.full((4,), -1.0)}
-    from parallel.checkpoint import latest_checkpoint
+    from parallel.checkpoint.checkpointer import latest_checkpoint
     small_checkpointer(tmp_path).load(latest_checkpoint(root), out)
     assert torch.equal(out["model/x"], torch.full((4,), value))
     assert not (root / "latest").is_symlink() and "/" not in (root / "latest").read_text()

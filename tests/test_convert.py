@@ -23,7 +23,7 @@ def _sets(*overrides: str) -> list[str]:
 
 def _logits_of_checkpoint(root: Path, tokens: torch.Tensor) -> torch.Tensor:
     from k2train.config.load import load_config
-    from parallel.convert import load_whole_model
+    from parallel.checkpoint.convert import load_whole_model
 
     model = load_whole_model(load_config(TINY, ONE), root)
     with torch.no_grad():
@@ -73,13 +73,13 @@ def test_an_hf_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
 
 def test_row_blocked_checkpoint_keys_are_the_trainers_and_round_trip(tmp_path):
     """With optimizer.adamw_block_elements small, convert writes and reads the embedding and head as
-    the trainer's row-block keys (one source: parallel/ownership.py), and HF -> checkpoint -> model
+    the trainer's row-block keys (one source: parallel/zero1/ownership.py), and HF -> checkpoint -> model
     gives back every weight."""
     from k2train.config.load import load_config
     from k2train.model import K2Model
-    from parallel.checkpoint import Checkpointer
-    from parallel.convert import export_hf, import_hf, load_whole_model, model_views
-    from parallel.zero1 import ShardedMuonClip
+    from parallel.checkpoint.checkpointer import Checkpointer
+    from parallel.checkpoint.convert import export_hf, import_hf, load_whole_model, model_views
+    from parallel.zero1.optimizer import ShardedMuonClip
 
     cfg = load_config(TINY, [*ONE, "optimizer.adamw_block_elements=2048"])
     model = K2Model(cfg.model, seed=3)

@@ -14,10 +14,10 @@ from k2train.config.load import load_config
 from k2train.model import K2Model
 from k2train.model.hf_names import hf_config_dict, to_hf_state_dict
 from launch.cli import main
-from parallel.checkpoint import MANIFEST, CheckpointError, latest_checkpoint
-from parallel.checkpoint_metadata import METADATA_JSON
-from parallel.hf_config_check import FUNCTION_FIELDS, YARN_FIELDS, check_hf_config
-from parallel.hf_fp8 import dequantize_fp8_block, e4m3_error_bound, quantize_fp8_block, scale_name
+from parallel.checkpoint.checkpointer import MANIFEST, CheckpointError, latest_checkpoint
+from parallel.checkpoint.metadata import METADATA_JSON
+from parallel.checkpoint.hf_config import FUNCTION_FIELDS, YARN_FIELDS, check_hf_config
+from parallel.checkpoint.hf_fp8 import dequantize_fp8_block, e4m3_error_bound, quantize_fp8_block, scale_name
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"
@@ -42,7 +42,7 @@ def test_fp8_block_dequantisation_is_the_release_formula_and_within_the_e4m3_bou
 
 
 def test_fp8_release_format_imports_exactly(tmp_path):
-    from parallel.convert import load_whole_model
+    from parallel.checkpoint.convert import load_whole_model
 
     cfg = load_config(TINY, [*ONE, "optimizer.adamw_block_elements=2048"])
     model = K2Model(cfg.model, seed=5)

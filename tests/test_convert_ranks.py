@@ -14,8 +14,8 @@ from k2train.config.load import load_config
 from k2train.model import K2Model
 from launch.cli import main
 from multiproc import run_world
-from parallel.checkpoint import latest_checkpoint
-from parallel.checkpoint_metadata import JsonReader
+from parallel.checkpoint.checkpointer import latest_checkpoint
+from parallel.checkpoint.metadata import JsonReader
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"
@@ -30,8 +30,8 @@ def _sets(*overrides: str) -> list[str]:
 def import_as_rank(payload: dict) -> tuple[int, list, list]:
     """One rank of the launched layout imports; returns its exit code, what it read and its keys."""
     from parallel import hf_source
-    from parallel.convert_import import rank_targets
-    from parallel.trainer import layout_for
+    from parallel.checkpoint.hf_import import rank_targets
+    from parallel.layout import layout_for
 
     reads = []
     read = hf_source.HFSource.read
@@ -84,7 +84,7 @@ def test_from_the_released_weights_to_a_checkpoint_and_back_to_hf(tmp_path, caps
     """The README's sequence on a K2-shaped model in the release's format: FP8 shards with scales,
     index, config.json -> checkpoint -> bf16 HF directory that transformers loads, same logits."""
     from k2train.model.hf_names import to_hf_state_dict
-    from parallel.convert import load_whole_model
+    from parallel.checkpoint.convert import load_whole_model
 
     bf16 = "train.param_dtype=bfloat16"
     # The release extends the context with YaRN (factor 32 from 4096); here 4 from 64.

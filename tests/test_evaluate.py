@@ -28,7 +28,7 @@ def eval_steps(payload: dict) -> dict:
     from parallel.evaluate import Evaluator
     from parallel.runner import ParallelRunner
     from parallel.state import device_for, init_parallel, launch_env
-    from parallel.trainer import layout_for
+    from parallel.layout import layout_for
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
     env = launch_env()

@@ -71,7 +71,7 @@ def test_router_counts_equal_bincount():
 
 def test_all_to_all_exchange_reads_the_counts_back_once(monkeypatch, tmp_path):
     # One gloo process is enough to count read-backs: the exchange's code path is the same.
-    from parallel.expert_parallel import AllToAllExchange
+    from parallel.experts import AllToAllExchange
 
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)

@@ -61,7 +61,7 @@ def test_resume_into_a_longer_sequence_with_yarn(tmp_path):
 
 def test_resume_still_refuses_another_model(tmp_path):
     from k2train.data.prepare import prepare_dataset
-    from parallel.checkpoint import CheckpointError
+    from parallel.checkpoint.checkpointer import CheckpointError
 
     data = str(tmp_path / "corpus")
     prepare_dataset(sorted((ROOT / "k2train" / "data").glob("*.py")), data, "byte")
@@ -72,8 +72,8 @@ def test_resume_still_refuses_another_model(tmp_path):
 
 def test_the_plan_shows_the_long_context_stage_memory():
     from parallel.layout import make_layout
-    from parallel.plan import make_plan
-    from parallel.plan_time import HARDWARE
+    from parallel.plan.planner import make_plan
+    from parallel.plan.cost import HARDWARE
 
     plans = {}
     for seq_len in (4096, 32768):

@@ -30,7 +30,7 @@ def train_losses(overrides: list[str], data: str) -> list[float]:
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
     from parallel.state import LaunchEnv, device_for, init_parallel
-    from parallel.trainer import layout_for
+    from parallel.layout import layout_for
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", BASE + overrides)
     state = init_parallel(layout_for(cfg, 1), LaunchEnv(rank=0, world_size=1, local_rank=0), device_for("cpu", 0))

@@ -88,7 +88,7 @@ def _run_steps(payload: dict) -> dict:
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
     from parallel.state import device_for, init_parallel, launch_env
-    from parallel.trainer import layout_for
+    from parallel.layout import layout_for
 
     env = launch_env()
     runs = {}
@@ -97,7 +97,7 @@ def _run_steps(payload: dict) -> dict:
         extra["budget"] = ["memory.activation_offload=true",
                            f"memory.activation_offload_budget_gib={payload['budget']!r}"]
     if payload.get("hardware") is not None:
-        # `auto` plans for the device's memory (parallel/plan_time.py device_hardware): a CPU has
+        # `auto` plans for the device's memory (parallel/plan/cost.py device_hardware): a CPU has
         # none to speak of, so the test lends it a GPU small enough to offload some micro-batches.
         import parallel.runner
 
@@ -150,18 +150,18 @@ def test_pipeline_offload_matches_no_offload_and_fetches_in_schedule_order(sched
 def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
     """Under memory.activation_offload_budget_gib only the micro-batches whose backward comes last
     go to host: the same bits as no offload, each rank copies exactly the micro-batches the plan
-    chose (parallel/offload_budget.py), and the bytes it copies per step are the plan's, per rank,
+    chose (parallel/plan/offload.py), and the bytes it copies per step are the plan's, per rank,
     with a budget, with `auto` (a budget per pipeline rank) and without (FP32, one sequence per
     micro-batch)."""
     from k2train.data.prepare import prepare_dataset
     import dataclasses
 
     from k2train.config.load import load_config
-    from parallel.offload_budget import GiB, offloaded_keys
-    from parallel.plan import make_plan, offload_inputs
-    from parallel.plan_time import HARDWARE
-    from parallel.stage_split import choose_split
-    from parallel.trainer import layout_for
+    from parallel.plan.offload import GiB, offloaded_keys
+    from parallel.plan.planner import make_plan, offload_inputs
+    from parallel.plan.cost import HARDWARE
+    from parallel.pipeline.split import choose_split
+    from parallel.layout import layout_for
     import json
 
     data = tmp_path / "json"
@@ -207,7 +207,7 @@ def test_budgeted_offload_moves_only_what_exceeds_the_budget(tmp_path):
 
 
 def test_the_budget_keeps_the_soonest_backwards_on_the_device():
-    from parallel.offload_budget import offloaded_keys
+    from parallel.plan.offload import offloaded_keys
 
     # One stage, forwards 0-3 then backwards 0-3: with room for two, the two needed last go to host.
     ops = [("F", 0)] * 4 + [("B", 0)] * 4
@@ -220,7 +220,7 @@ def test_the_budget_keeps_the_soonest_backwards_on_the_device():
 
 
 def test_auto_budget_is_the_room_the_peak_leaves_and_levels_follow_the_schedule():
-    from parallel.offload_budget import auto_budget, offload_levels
+    from parallel.plan.offload import auto_budget, offload_levels
 
     # The budget joins the schedule's peak (60 of 100 here); the update's 70 comes after it.
     assert auto_budget(100, 70, 60, 3) == 40

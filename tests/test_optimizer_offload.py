@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from multiproc import run_world
-from parallel.optimizer_offload import RING, plan_chunks
+from parallel.zero1.offload import RING, plan_chunks
 from test_zero1 import gradient, max_logits
 
 ROOT = Path(__file__).parents[1]
@@ -82,7 +82,7 @@ def local_steps(offload: bool, chunk_bytes: int, dtype: torch.dtype = torch.floa
     this rank of an initialised gloo world whose ranks all hold the model (DP: both groups are the world)."""
     from k2train.config.load import load_config
     from k2train.model import K2Model
-    from parallel.zero1 import ShardedMuonClip
+    from parallel.zero1.optimizer import ShardedMuonClip
 
     cfg = load_config(TINY, [*OVERRIDES, *extra])
     m = cfg.model

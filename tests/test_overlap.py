@@ -1,4 +1,4 @@
-"""Communication overlap (parallel/overlap.py): the paired order is a valid schedule, layouts it
+"""Communication overlap (parallel/pipeline/overlap.py): the paired order is a valid schedule, layouts it
 cannot run are refused, and on gloo the overlapped step gives bit for bit the plain step's losses,
 max logits, expert loads and reduced gradients (backwards keep their order, so every addition does).
 """
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from multiproc import run_world
-from parallel.overlap import Turns, check_overlap, overlap_runs
-from parallel.schedule_table import Op, paired_order, paired_timeline, rank_order
+from parallel.pipeline.overlap import Turns, check_overlap, overlap_runs
+from parallel.pipeline.schedule_table import Op, paired_order, paired_timeline, rank_order
 from test_parallel_training import BASE, data, layout_overrides  # noqa: F401 (data is a fixture)
 
 

@@ -1,5 +1,5 @@
 """ZeRO-1 MuonClip ownership: optimizer items (AdamW row blocks included), Newton–Schulz FLOPs, the
-greedy owner assignment and the k2_1t optimizer plan (parallel/ownership.py, parallel/optimizer_plan.py)."""
+greedy owner assignment and the k2_1t optimizer plan (parallel/zero1/ownership.py, parallel/plan/optimizer.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import parallel.optimizer_plan as optimizer_plan
+import parallel.plan.optimizer as optimizer_plan
 from k2train.config.checks import ConfigError
 from k2train.config.schema import ModelConfig
 from k2train.model import K2Model, ModelPart
 from k2train.optim.muon_clip import split_param_groups
 from k2train.optim.newton_schulz import newton_schulz
-from parallel.ownership import (
+from parallel.zero1.ownership import (
     ADAMW_BLOCK_ELEMENTS,
     OptItem,
     assign_owners,
@@ -328,5 +328,5 @@ def test_plan_command_errors_name_the_world(capsys):
 
 def test_registering_the_command_does_not_import_torch():
     # The command line registers every subcommand on start; `k2train --help` must stay quick.
-    code = "import sys, parallel.optimizer_plan; sys.exit('torch' in sys.modules)"
+    code = "import sys, parallel.plan.optimizer; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0

@@ -41,7 +41,7 @@ def run_steps(payload: dict) -> dict:
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
     from parallel.state import device_for, init_parallel, launch_env
-    from parallel.trainer import layout_for
+    from parallel.layout import layout_for
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
     env = launch_env()
@@ -99,7 +99,7 @@ LAYOUTS = [
     pytest.param((1, 1, 4, 1, "interleaved_1f1b"), id="pp1xep4"),
     pytest.param((4, 1, 1, 2, "interleaved_1f1b"), id="pp4xdp2"),
     pytest.param((2, 1, 2, 1, "interleaved_zero_bubble"), id="pp2xep2-zero-bubble"),
-    # An uneven split whose last stage holds only the head and the loss (parallel/stage_split.py).
+    # An uneven split whose last stage holds only the head and the loss (parallel/pipeline/split.py).
     pytest.param((2, 2, 1, 1, "interleaved_1f1b", "parallel.stage_layers=[2,1,1,0]"), id="pp2xvp2-head-only-stage"),
 ]
 

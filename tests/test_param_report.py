@@ -6,8 +6,8 @@ from pathlib import Path
 
 from k2train.config.load import load_config
 from k2train.model import count_parameters
-from parallel.param_report import describe_params, model_parallel_group, rank_params
-from parallel.trainer import layout_for
+from parallel.plan.params import describe_params, model_parallel_group, rank_params
+from parallel.layout import layout_for
 
 K2_1T = Path(__file__).parents[1] / "configs" / "k2_1t.yaml"
 

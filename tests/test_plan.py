@@ -1,6 +1,6 @@
 """`k2train plan` against autograd, against a real multi-process run, and against the K2 report.
 
-- The activation model (parallel/plan_activations.py) equals the bytes `saved_bytes` counts on real
+- The activation model (parallel/plan/activations.py) equals the bytes `saved_bytes` counts on real
   layers for every dtype and memory-feature combination, with eager and with fused attention.
 - On a PP2 x EP2 gloo world with every memory feature on, each rank's parameters, ZeRO-1 buffers,
   optimizer states (device and host), pipeline receive buffers and saved activations (by the
@@ -25,11 +25,12 @@ from k2train.memory import saved_bytes
 from k2train.model import K2Model, ModelPart, count_parameters
 from multiproc import run_world
 from parallel.layout import make_layout
-from parallel.pipeline import lm_loss, split_layers
-from parallel.plan import make_plan
-from parallel.plan_activations import ActivationSettings, stage_offloaded, stage_saved
-from parallel.plan_memory import schedule_ops
-from parallel.plan_time import HARDWARE
+from parallel.pipeline.split import split_layers
+from parallel.pipeline.stages import lm_loss
+from parallel.plan.planner import make_plan
+from parallel.plan.activations import ActivationSettings, stage_offloaded, stage_saved
+from parallel.plan.memory import schedule_ops
+from parallel.plan.cost import HARDWARE
 from triton_interpret import run_interpreted
 
 ROOT = Path(__file__).parents[1]
@@ -98,8 +99,8 @@ def measure_rank(payload: dict) -> dict:
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
     from parallel.state import device_for, init_parallel, launch_env
-    from parallel.trainer import layout_for
-    from parallel.zero1 import ShardGroup
+    from parallel.layout import layout_for
+    from parallel.zero1.optimizer import ShardGroup
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
     env = launch_env()
@@ -198,9 +199,9 @@ def k2_plan():
 
 
 def test_k2_1t_memory_lands_on_the_reports_figures():
-    from parallel.plan import paper_figures
+    from parallel.plan.planner import paper_figures
 
-    # The report's figures are for layer-count stages; the cost-balanced split (parallel/stage_split.py)
+    # The report's figures are for layer-count stages; the cost-balanced split (parallel/pipeline/split.py)
     # gives the embedding's rank two more layers and so about 3 GB more states.
     cfg = load_config(ROOT / "configs" / "k2_1t.yaml")
     even = [len(r) for r in split_layers(cfg.model.num_layers, 32)]
@@ -238,7 +239,7 @@ def test_k2_1t_needs_offload_at_32_nodes(k2_plan):
 def test_auto_offload_budget_is_per_rank_and_fits_every_gpu(k2_plan):
     """memory.activation_offload_budget_gib: auto gives each pipeline rank the room its peak leaves;
     a number is one budget for every rank."""
-    from parallel.offload_budget import GiB, auto_budget
+    from parallel.plan.offload import GiB, auto_budget
 
     usable = k2_plan.hardware.usable_bytes
     assert k2_plan.cfg.memory.activation_offload_budget_gib == "auto"
@@ -261,7 +262,7 @@ def test_auto_offload_budget_refuses_a_device_too_small_for_any(capsys):
     import dataclasses
 
     from launch.cli import main
-    from parallel.plan import budgeted_offload
+    from parallel.plan.planner import budgeted_offload
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", ["memory.activation_offload=true",
                                                           "memory.activation_offload_budget_gib=auto"])

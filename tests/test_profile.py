@@ -37,7 +37,7 @@ def test_flops_per_token_equal_the_matmuls_of_a_real_forward_and_backward(one_th
     from k2train.config.load import load_config
     from k2train.model import K2Model
     from k2train.train.flops import flops_per_token
-    from parallel.pipeline import lm_loss
+    from parallel.pipeline.stages import lm_loss
 
     # The per-expert loop runs plain matmuls, which the counter knows (it has no _grouped_mm formula).
     cfg = load_config(TINY, ["model.expert_impl=loop"]).model
@@ -76,7 +76,7 @@ def test_k2_flops_outside_attention_scores_are_twice_the_activated_matrix_parame
 
 
 def test_time_breakdown_counts_every_instant_once_by_the_innermost_span():
-    from parallel.profile_timing import Span, time_breakdown
+    from parallel.profiling.timing import Span, time_breakdown
 
     spans = [Span("schedule", 1, 8), Span("F", 1, 3, 0, 0), Span("comm", 2, 2.5, name="all_to_all_single"),
              Span("B", 4, 6, 0, 0), Span("optimizer", 8, 9), Span("comm", 8.5, 9, name="all_gather")]
@@ -85,7 +85,7 @@ def test_time_breakdown_counts_every_instant_once_by_the_innermost_span():
 
 
 def test_peak_saved_bytes_frees_a_split_backward_at_its_weight_part():
-    from parallel.profile_timing import Span, peak_saved_bytes
+    from parallel.profiling.timing import Span, peak_saved_bytes
 
     def forward(mb, end, nbytes):
         return Span("F", end - 0.5, end, 0, mb, saved_bytes=nbytes)
@@ -97,7 +97,7 @@ def test_peak_saved_bytes_frees_a_split_backward_at_its_weight_part():
 
 
 def test_peak_is_the_flag_or_the_known_gpu_and_unknown_on_cpu():
-    from parallel.profile_report import peak_tflops
+    from parallel.profiling.report import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3", None) == (989.0, "H100 bf16 dense peak")
     assert peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
@@ -112,7 +112,7 @@ def test_peak_is_the_flag_or_the_known_gpu_and_unknown_on_cpu():
 def profile_rank(payload: dict):
     """On one rank: profile the tiny config; rank 0 returns the report."""
     from k2train.config.load import load_config
-    from parallel.profile import ProfileOptions, run_profile
+    from parallel.profiling.run import ProfileOptions, run_profile
 
     cfg = load_config(TINY, payload["overrides"])
     return run_profile(cfg, ProfileOptions(**payload["options"]))
@@ -171,7 +171,7 @@ def test_profile_report_adds_up(profiled):
 
 
 def test_profile_timeline_holds_the_executed_schedule(profiled):
-    from parallel.schedule_table import timeline
+    from parallel.pipeline.schedule_table import timeline
 
     report, out = profiled
     spans = json.loads((out / "timeline.json").read_text())
@@ -242,7 +242,7 @@ def test_k2_1t_stops_at_once_naming_the_world_it_needs(capsys):
 def test_k2_1t_on_one_process_stops_naming_the_memory_it_needs():
     from k2train.config.checks import ConfigError
     from k2train.config.load import load_config
-    from parallel.profile import ProfileOptions, run_profile
+    from parallel.profiling.run import ProfileOptions, run_profile
 
     cfg = load_config(ROOT / "configs" / "k2_1t.yaml", [*ONE_PROCESS[:4], "parallel.device=cpu",
                                                          "memory.activation_offload=false", "memory.optimizer_offload=false"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.schedule_table import Op, bubble_fraction, rank_order, timeline
+from parallel.pipeline.schedule_table import Op, bubble_fraction, rank_order, timeline
 
 
 @pytest.mark.parametrize("pp,vp,m", [(2, 1, 4), (2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 3, 12), (8, 2, 16), (16, 2, 32)])

@@ -1,4 +1,4 @@
-"""Pipeline receive buffers live only while their micro-batch needs them (parallel/stage_buffers.py).
+"""Pipeline receive buffers live only while their micro-batch needs them (parallel/pipeline/buffers.py).
 
 - The linear-time UNSHARD/RESHARD pass equals torch's own, so the planner lowers the interleaved
   1F1B table exactly as the runtime does.
@@ -17,8 +17,8 @@ import pytest
 from torch.distributed.pipelining.schedules import _Action, _add_unshard_reshard, _ComputationType
 
 from multiproc import run_world
-from parallel.schedule_table import rank_order, timeline
-from parallel.stage_buffers import interleaved_1f1b_actions, with_unshard_reshard
+from parallel.pipeline.schedule_table import rank_order, timeline
+from parallel.pipeline.buffers import interleaved_1f1b_actions, with_unshard_reshard
 from test_parallel_training import data  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).parents[1]
@@ -52,7 +52,7 @@ def measure_rank(payload: dict) -> dict:
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
     from parallel.state import device_for, init_parallel, launch_env
-    from parallel.trainer import layout_for
+    from parallel.layout import layout_for
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
     env = launch_env()
@@ -78,7 +78,7 @@ def measure_rank(payload: dict) -> dict:
 
 @pytest.mark.parametrize("schedule", ["interleaved_1f1b", "interleaved_zero_bubble"])
 def test_receive_buffers_live_only_while_in_flight(schedule, data):
-    from parallel.stage_buffers import interleaved_1f1b_peaks, lower, receive_buffer_peak
+    from parallel.pipeline.buffers import interleaved_1f1b_peaks, lower, receive_buffer_peak
 
     ranks = run_world(PP, "test_stage_buffers:measure_rank",
                       dict(overrides=OVERRIDES + [f"parallel.schedule={schedule}"], data=data))

@@ -1,4 +1,4 @@
-"""The cost-balanced pipeline split (parallel/stage_split.py), without processes."""
+"""The cost-balanced pipeline split (parallel/pipeline/split.py), without processes."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from k2train.config.load import load_config
-from parallel.plan import make_plan
-from parallel.plan_time import HARDWARE
-from parallel.stage_split import SplitError, balance, choose_split, rank_costs, split_layers
-from parallel.trainer import layout_for
+from parallel.plan.planner import make_plan
+from parallel.plan.cost import HARDWARE
+from parallel.pipeline.split import SplitError, balance, choose_split, rank_costs, split_layers
+from parallel.layout import layout_for
 
 ROOT = Path(__file__).parents[1]
 

@@ -17,7 +17,7 @@ from k2train.model import K2Model
 from k2train.train.loop import NonFiniteLossError
 from k2train.train.metrics import read_metrics
 from parallel.trainer import run_training as train
-from parallel.zero1 import ShardedMuonClip
+from parallel.zero1.optimizer import ShardedMuonClip
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"

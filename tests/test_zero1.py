@@ -45,22 +45,22 @@ def sharded_steps(payload: dict) -> dict:
     from k2train.config.load import load_config
     from parallel.runner import ParallelRunner, _model_name
     from parallel.state import device_for, init_parallel, launch_env
-    from parallel.trainer import layout_for
+    from parallel.layout import layout_for
 
-    import parallel.zero1
+    import parallel.zero1.optimizer
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
     env = launch_env()
     state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
     runner = ParallelRunner(cfg, state, sampler=None)
     orthogonalised = []  # matrices this rank ran Newton-Schulz on
-    newton_schulz_many = parallel.zero1.newton_schulz_many
+    newton_schulz_many = parallel.zero1.optimizer.newton_schulz_many
 
     def counting(matrices, *args):
         orthogonalised.extend(tuple(m.shape) for m in matrices)
         return newton_schulz_many(matrices, *args)
 
-    parallel.zero1.newton_schulz_many = counting
+    parallel.zero1.optimizer.newton_schulz_many = counting
     m, layout, coords = cfg.model, state.layout, state.coords
     local = m.num_experts // layout.ep
     for step in range(STEPS):

@@ -196,7 +196,7 @@ def _check_parallel(cfg: JobConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: model.num_experts ({m.num_experts}) must split evenly over parallel.ep "
             f"({p.ep}) so every EP rank holds the same experts; the nearest ep that fits is {nearest}.")
-    # The last stage may hold only the head and the loss (parallel/stage_split.py).
+    # The last stage may hold only the head and the loss (parallel/pipeline/split.py).
     if m.num_layers < p.pp * p.vp - 1:
         raise ConfigError(
             f"{source}: model.num_layers ({m.num_layers}) cannot fill parallel.pp {p.pp} x "

@@ -78,7 +78,7 @@ class ParallelConfig:
     # "interleaved_1f1b" or "interleaved_zero_bubble".
     schedule: str = "interleaved_1f1b"
     # "none", or "ep": the forward of one micro-batch runs beside the backward of another so each
-    # one's expert all-to-all is in flight while the other computes (K2 §2.4; parallel/overlap.py).
+    # one's expert all-to-all is in flight while the other computes (K2 §2.4; parallel/pipeline/overlap.py).
     overlap: str = "none"
     # Layers of each of the pp * vp virtual stages, in stage order; None splits them evenly.
     stage_layers: tuple[int, ...] | None = None
@@ -128,9 +128,9 @@ class MemoryConfig:
     selective_recompute: bool = False
     activation_offload: bool = False
     # With activation_offload: the GiB of floating-point saved activations a pipeline rank keeps on
-    # the device; only the micro-batches whose backward comes last go to host (parallel/offload_budget.py).
+    # the device; only the micro-batches whose backward comes last go to host (parallel/plan/offload.py).
     # A number is the same budget on every pipeline rank; "auto" gives each pipeline rank the most
-    # its device memory leaves beside its planned peak (parallel/plan.py); null: every micro-batch
+    # its device memory leaves beside its planned peak (parallel/plan/planner.py); null: every micro-batch
     # goes to host. Without activation_offload it has no effect.
     activation_offload_budget_gib: float | str | None = None
     # The owners' master weights and optimizer states live in host memory and reach the device a

@@ -56,7 +56,7 @@ class ActivationOffloader:
 
     def expect(self, order: Sequence[object], offloaded: set | None = None) -> None:
         """The keys of this step's micro-batch backwards, in the order they will run, and the keys
-        whose tensors go to host (None: all; parallel/offload_budget.py chooses under a budget)."""
+        whose tensors go to host (None: all; parallel/plan/offload.py chooses under a budget)."""
         self._order = list(order)
         self.offloaded = offloaded
         self._pending.clear()

@@ -77,7 +77,7 @@ class LayerScopes:
     and the head), so a saved tensor can be attributed to its layer. The model is not changed.
 
     Each thread has its own scope stack: with communication overlap a backward (and the forwards it
-    recomputes) takes turns with another micro-batch's forward (parallel/overlap.py)."""
+    recomputes) takes turns with another micro-batch's forward (parallel/pipeline/overlap.py)."""
 
     def __init__(self) -> None:
         self._local = threading.local()

@@ -126,7 +126,7 @@ _ITEM_ROWS = re.compile(r"^(.+)\[rows (\d+):(\d+)\]$")
 
 
 def hf_name_of_item(key: str) -> tuple[str, tuple[int, int] | None]:
-    """An optimizer item key (`parallel/ownership.py`) -> (the checkpoint tensor holding it, its
+    """An optimizer item key (`parallel/zero1/ownership.py`) -> (the checkpoint tensor holding it, its
     [start, stop) rows there, or None for the whole tensor).
 
     `layers.3.mlp.experts.up_proj[5]` -> model.layers.3.mlp.experts.5.up_proj.weight;

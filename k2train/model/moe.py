@@ -9,7 +9,7 @@ aux-loss-free rule), never by gradients.
 The routed path is: sort the (token, expert) pairs by expert, hand the sorted rows to an
 `ExpertExchange`, which returns each row's expert output, then weight and scatter-add them back to
 their tokens. On one process the exchange runs the experts in place; with expert parallelism
-(`parallel/expert_parallel.py`) it sends rows to the rank owning their expert and back. The model
+(`parallel/experts.py`) it sends rows to the rank owning their expert and back. The model
 only sees the interface, so it stays free of torch.distributed.
 """
 

@@ -176,7 +176,7 @@ class MuonClip(torch.optim.Optimizer):
                           group["lr"], group["weight_decay"], beta1, beta2, group["eps"])
 
 
-# The per-tensor rules, shared with the sharded optimizer (parallel/zero1.py) so both compute the same.
+# The per-tensor rules, shared with the sharded optimizer (parallel/zero1/optimizer.py) so both compute the same.
 
 
 def muon_momentum_(grad: Tensor, buf: Tensor, momentum: float, nesterov: bool) -> Tensor:

@@ -112,7 +112,7 @@ def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_ra
     Raises NonFiniteLossError on a NaN/inf loss or gradient norm, after writing what was good.
     """
     if not logging_rank:
-        return RunResult(None, _run_steps(cfg, runner, None, evaluation))
+        return RunResult(None, run_steps(cfg, runner, None, evaluation))
     run_dir = make_run_dir(cfg, runner.start_step)
     print(f"k2train: run directory {run_dir}")
     print(dump_config(cfg), end="")
@@ -127,7 +127,7 @@ def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_ra
         config=config_to_dict(cfg), run_name=run_dir.name,
     ) as log:
         try:
-            last = _run_steps(cfg, runner, log, evaluation)
+            last = run_steps(cfg, runner, log, evaluation)
         except NonFiniteLossError:
             log.close(failed=True)
             _finish(cfg, run_dir)  # the plots and summary of the steps that were good
@@ -136,7 +136,7 @@ def train(cfg: JobConfig, runner: StepRunner, layout: dict[str, int], logging_ra
     return RunResult(run_dir, last)
 
 
-def _run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evaluation: Evaluation | None = None) -> float:
+def run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evaluation: Evaluation | None = None) -> float:
     tokens_per_step = cfg.train.global_batch_tokens
     bar = tqdm(
         total=cfg.train.steps, disable=log is None or not cfg.logging.progress_bar, unit="step",

@@ -48,7 +48,7 @@ def _peak_mib() -> float:
 def child(step: str, size: str, work: Path, working_set_mb: float) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from k2train.config.load import load_config
-    from parallel.convert import export_hf, import_hf
+    from parallel.checkpoint.convert import export_hf, import_hf
 
     cfg = load_config(TINY, COMMON + SIZES[size])
     before = _rss_mib()

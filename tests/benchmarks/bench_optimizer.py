@@ -5,7 +5,7 @@ one gloo process group of 4 ranks (DP 4): every rank holds a replica of the same
 matrices of a K2-shaped model at reduced width, each routed expert its own matrix) and its own
 gradients, the same for every method. Per step, the methods take turns (the order rotates):
 
-- ours: `parallel.zero1.ShardGroup` (reduce_scatter to owners, Newton-Schulz once per matrix on
+- ours: `parallel.zero1.optimizer.ShardGroup` (reduce_scatter to owners, Newton-Schulz once per matrix on
   its owner, all_gather; DESIGN §3);
 - moonlight: Distributed Muon (Moonlight, arXiv 2502.16982, §2.3, Algorithm 1), the anchor DESIGN
   §3 names: ZeRO-1 over a flat buffer cut into equal slices that ignore matrix boundaries; after
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from k2train.config.schema import ModelConfig, OptimizerConfig
 from k2train.optim.muon_clip import muon_momentum_, split_param_groups
 from k2train.optim.newton_schulz import newton_schulz_many
-from parallel.ownership import newton_schulz_flops
+from parallel.zero1.ownership import newton_schulz_flops
 
 WORLD = 4
 METHODS = ("ours", "moonlight", "deepspeed", "ds-k2scale")
@@ -124,7 +124,7 @@ def bytes_sent(name: str, arguments: dict) -> float:
 class CollectiveMeter:
     """Bytes and calls of torch.distributed collectives, per method, while `method` is set.
 
-    Installed before anything keeps a reference to a collective (parallel.zero1 binds its
+    Installed before anything keeps a reference to a collective (parallel.zero1.optimizer binds its
     reduce_scatter at import, DeepSpeed its all_gather when it initialises), it wraps every function
     of `COUNTED` in torch.distributed and its c10d module. A collective implemented by another
     counts once (only the outermost call).
@@ -180,7 +180,7 @@ class OwnershipMuon:
     """Ours: one `ShardGroup` over the DP group; each matrix owned whole by one rank."""
 
     def __init__(self, named: list[tuple[str, Tensor]], cfg: OptimizerConfig, divisor: float):
-        from parallel.zero1 import ShardGroup  # after the meter is installed: zero1 binds reduce_scatter
+        from parallel.zero1.optimizer import ShardGroup  # after the meter is installed: zero1 binds reduce_scatter
 
         self.params = [nn.Parameter(matrix.clone()) for _, matrix in named]
         self.group = ShardGroup([(n, p) for (n, _), p in zip(named, self.params)], 0, dist.group.WORLD, cfg)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from k2train.config.schema import OptimizerConfig
-from parallel.zero1 import ShardGroup
+from parallel.zero1.optimizer import ShardGroup
 
 
 def named_parameters(args: argparse.Namespace, device: torch.device) -> list[tuple[str, nn.Parameter]]:

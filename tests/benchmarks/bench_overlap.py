@@ -48,7 +48,7 @@ def measure(payload: dict) -> dict:
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
     from parallel.state import device_for, init_parallel, launch_env
-    from parallel.trainer import layout_for
+    from parallel.layout import layout_for
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
     env = launch_env()
@@ -88,7 +88,7 @@ def exchanges_alone(runner) -> float:
     import torch
     import torch.distributed as dist
 
-    import parallel.expert_parallel as ep
+    import parallel.experts as ep
 
     recorded, exchange = [], ep.all_to_all
 
@@ -142,8 +142,8 @@ def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rat
 
     from k2train.config.load import load_config
     from parallel.layout import make_layout
-    from parallel.plan import make_plan
-    from parallel.plan_time import HARDWARE
+    from parallel.plan.planner import make_plan
+    from parallel.plan.cost import HARDWARE
 
     pp, vp, ep, dp = layout
     world = pp * ep * dp

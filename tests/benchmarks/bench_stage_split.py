@@ -17,8 +17,8 @@ import torch
 
 from k2train.config.load import load_config
 from k2train.model import K2Model, ModelPart
-from parallel.pipeline import lm_loss
-from parallel.stage_split import choose_split, rank_costs, split_layers, unit_costs
+from parallel.pipeline.stages import lm_loss
+from parallel.pipeline.split import choose_split, rank_costs, split_layers, unit_costs
 
 ROOT = Path(__file__).parents[2]
 OVERRIDES = ["model.vocab_size=8192", "model.num_layers=8", "model.num_experts=8", "data.seq_len=128",

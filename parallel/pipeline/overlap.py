@@ -1,0 +1,152 @@
+"""Communication overlap (K2 §2.4): the expert all-to-all of one micro-batch in flight while another
+micro-batch computes.
+
+The paired order (parallel/pipeline/schedule_table.py `paired_order`, a pure table). With pp = 1, micro-batch
+m+1's forward runs beside micro-batch m's backward: one extra forward (micro-batch 0) warms up,
+then the pairs, then backward M-1 drains. With pp > 1 it is the interleaved 1F1B with one more
+warm-up forward per rank and its steady state in pairs.
+
+How a pair runs: two tasks taking turns (`Turns`). The forward runs in the calling thread and the
+backward (autograd) in a worker thread, but only the task holding the turn runs; the other waits.
+Each exchange is issued as an async collective (`async_op=True`; on NCCL it runs on the
+communicator's own stream), then the turn goes to the other task, and the exchange is waited on
+only when the turn comes back, where its result is needed (the tiny counts exchange keeps the turn:
+handing over there would set the other task's long segment beside it and the big exchanges beside
+short ones). So one task's all-to-all is on the wire
+while the other computes, and nothing runs concurrently on the host: no two threads compete for
+the GIL or the cores, and the order of every operation is the same on every rank and every run.
+Free-running threads were measured slower than no overlap on gloo; taking turns is what the
+DualPipe-style schedules do by hand, here without splitting the model's code into phases.
+
+Collectives of one process group must be issued in the same order on every rank. Turn-taking
+makes the interleaving deterministic, and the backward's exchanges still go over a second EP group
+of the same ranks (`backward_expert_group`), so each group sees only forwards or only backwards.
+
+What it leaves unchanged. Only the backward task touches gradients, and backwards still run one
+after the other in micro-batch order, so gradient accumulation adds in the same order: results are
+bit-identical to the plain order. Losses, max logits and expert loads are collected per micro-batch
+and summed in micro-batch order after the step.
+
+With pp > 1 the pairs run inside the interleaved 1F1B or zero-bubble schedule
+(parallel/pipeline/paired.py).
+
+With activation offload, a pair's forward packs while its backward fetches; the offloader's
+groups are keyed by micro-batch, and a prefetch that runs before the paired forward has ended
+fetches what is packed so far, the rest when that backward begins (k2train/memory/offload.py).
+Layer scopes are tracked per thread (k2train/memory/saved.py), so the backward's recomputed
+forwards do not disturb the byte accounting of the forward beside it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel.pipeline.schedule_table import paired_order
+from parallel.state import ParallelState, my_group
+
+
+def overlap_runs(overlap: str, ep: int) -> bool:
+    """Whether the runtime overlaps the EP all-to-all for this layout (what the plan counts as built)."""
+    return overlap != "none" and ep > 1
+
+
+def check_overlap(overlap: str, ep: int) -> None:
+    """Refuse, in one sentence, a layout with nothing to overlap."""
+    if overlap != "none" and ep < 2:
+        raise ValueError(f"parallel.overlap={overlap} hides the expert all-to-all, but parallel.ep is {ep}: "
+                         "there is none to hide; set parallel.overlap=none.")
+
+
+def backward_expert_group(state: ParallelState) -> Any:
+    """A second EP group of the same ranks, for the backward passes' exchanges (every rank calls this)."""
+    return my_group(state.layout, "expert", state.rank)
+
+
+class Turns:
+    """Two tasks of one rank taking turns: exactly one runs; `hand_over` gives the turn to the other
+    and waits until it comes back. Outside a pair, or once the other task has ended, it returns at once."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._holder: int | None = None
+        self._live = [False, False]
+        self.hand_overs = 0  # times the turn passed to the other task (a count for tests and reports)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
+
+    def hand_over(self) -> None:
+        with self._cond:
+            me = self._holder
+            if me is None or not self._live[1 - me]:
+                return
+            self._holder = 1 - me
+            self.hand_overs += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._holder == me)
+
+    def run_pair(self, first: Callable[[], Any], second: Callable[[], None]) -> Any:
+        """Run `first` in this thread and `second` in the worker, taking turns; `first` starts.
+        Returns `first`'s result; an error in either is raised here after both have ended."""
+        with self._cond:
+            self._holder, self._live = 0, [True, True]
+        job = self._pool.submit(self._task, 1, second)
+        try:
+            return self._task(0, first)
+        finally:
+            job.result()
+            with self._cond:
+                self._holder = None
+
+    def _task(self, me: int, fn: Callable[[], Any]) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: self._holder == me)
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._live[me] = False
+                self._holder = 1 - me if self._live[1 - me] else me
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
+               group: Any, turns: Turns | None) -> None:
+    """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's turn."""
+    if turns is None:
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+        return
+    work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+    turns.hand_over()
+    work.wait()
+
+
+def run_micro_batches(forward: Callable[[int], Any], backward: Callable[[Any], None], microbatches: int,
+                      turns: Turns | None) -> list[Any]:
+    """Run `forward(m)` and `backward(result of forward m)` for every micro-batch, one after the
+    other, or (with `turns`) in the paired order, each backward taking turns with the next forward.
+    Returns the forwards' results in micro-batch order."""
+    results: list[Any] = []
+    if turns is None:
+        for m in range(microbatches):
+            results.append(forward(m))
+            backward(results[m])
+        return results
+    for step in paired_order(1, 1, microbatches, 0):
+        forwards = [op.microbatch for op in step if op.kind == "F"]
+        backwards = [op.microbatch for op in step if op.kind == "B"]
+        if forwards and backwards:
+            previous = results[backwards[0]]
+            results.append(turns.run_pair(lambda m=forwards[0]: forward(m), lambda r=previous: backward(r)))
+        elif forwards:
+            results.append(forward(forwards[0]))
+        else:
+            backward(results[backwards[0]])
+    return results
