@@ -238,18 +238,18 @@ def _gram_sweep(b: Bench, X: torch.Tensor) -> tuple[dict, dict]:
 def newton_schulz(b: Bench) -> dict:
     from k2train.kernels.newton_schulz import newton_schulz_fast
     from k2train.optim.newton_schulz import K2_NS_COEFFICIENTS as COEF
-    from k2train.optim.newton_schulz import _newton_schulz_eager
+    from k2train.optim.newton_schulz import newton_schulz_eager
     from parallel.zero1.ownership import newton_schulz_flops
 
     E, n, m = b.sizes.newton_schulz
     G = b.randn(E, n, m)
     flops = E * newton_schulz_flops(n, m, 5)
     sweep, best = _gram_sweep(b, (G / G.float().norm(dim=(-2, -1), keepdim=True)).to(torch.bfloat16))
-    runs = {"eager": lambda: _newton_schulz_eager(G, 5, COEF, 1e-7, torch.bfloat16),
+    runs = {"eager": lambda: newton_schulz_eager(G, 5, COEF, 1e-7, torch.bfloat16),
             "fast": lambda: newton_schulz_fast(G, 5, COEF),
             "symmetric": lambda: newton_schulz_fast(G, 5, COEF, symmetric=True),
             "symmetric_best_tiles": lambda: newton_schulz_fast(G, 5, COEF, symmetric=True, gram_options=best)}
-    fp32 = _newton_schulz_eager(G, 5, COEF, 1e-7, torch.float32)
+    fp32 = newton_schulz_eager(G, 5, COEF, 1e-7, torch.float32)
     checks = {f"{key}_rel_error_vs_fp32_iteration": _rel(fn(), fp32) for key, fn in runs.items()}
     del fp32
     ms = {key: b.time_ms(fn, iters=max(3, b.sizes.iters // 2)) for key, fn in runs.items()}

@@ -19,7 +19,7 @@ from k2train.data.prepare import prepare_dataset
 from k2train.model import K2Model
 from k2train.train.loop import NonFiniteLossError
 from multiproc import run_world
-from parallel.checkpoint.checkpointer import MANIFEST, CheckpointError, Checkpointer, _file_digest
+from parallel.checkpoint.checkpointer import MANIFEST, CheckpointError, Checkpointer, file_digest
 from parallel.checkpoint.lock import CheckpointLock, CheckpointLockError
 from parallel.checkpoint.metadata import METADATA_JSON
 from parallel.preflight import PathError
@@ -66,7 +66,7 @@ def test_a_crafted_metadata_runs_nothing_and_is_refused_by_name(tmp_path):
     marker = tmp_path / "code-ran"
     (step / ".metadata").write_bytes(pickle.dumps(Exploit(marker)))
     manifest = json.loads((step / MANIFEST).read_text())
-    manifest["files"][".metadata"] = _file_digest(step / ".metadata")  # whoever writes one writes both
+    manifest["files"][".metadata"] = file_digest(step / ".metadata")  # whoever writes one writes both
     (step / MANIFEST).write_text(json.dumps(manifest))
     out = {"model/x": torch.zeros(4)}
     small_checkpointer(tmp_path).load(step, out)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from triton_interpret import run_interpreted
 
-from k2train.optim.newton_schulz import K2_NS_COEFFICIENTS, _newton_schulz_eager, newton_schulz
+from k2train.optim.newton_schulz import K2_NS_COEFFICIENTS, newton_schulz_eager, newton_schulz
 
 NS_SHAPES = [(3, 32, 48), (2, 40, 24)]  # wide; tall (iterated transposed)
 GRAM_SHAPES = [(3, 40, 24), (2, 24, 40), (1, 16, 16), (2, 5, 70)]
@@ -38,7 +38,7 @@ def _run_kernels(path: str) -> None:
     """In the interpreted child: the Gram products and the iterations, saved to `path`."""
     import k2train.kernels.newton_schulz as ns
 
-    ns._blocks = lambda N, K: (16, 16)  # several blocks even at these sizes
+    ns.default_blocks = lambda N, K: (16, 16)  # several blocks even at these sizes
     results = {}
     for shape in GRAM_SHAPES:
         P = _randn(*shape, seed=sum(shape))
@@ -88,15 +88,15 @@ def test_fast_newton_schulz_fp32_matches_reference(kernel, shape, symmetric):
     G = _ns_input(shape, torch.float32)
     got = kernel["ns", shape, symmetric, torch.float32]
     assert got.shape == G.shape and got.dtype == G.dtype
-    assert _rel(got, _newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float32)) < 1e-5
+    assert _rel(got, newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float32)) < 1e-5
 
 
 @pytest.mark.parametrize("shape", NS_SHAPES)
 def test_fast_newton_schulz_fp16_symmetric_matches_reference(kernel, shape):
     G = _ns_input(shape, torch.float16)
     got = kernel["ns", shape, True, torch.float16]
-    ref = _newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float16)
-    exact = _newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float64)
+    ref = newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float16)
+    exact = newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float64)
     assert got.dtype == torch.float16
     # The fp16 reference sits about 0.2% from the float64 iteration; the kernel in the same band,
     # a few fp16 roundings from the reference (it sums in another order).
@@ -111,12 +111,12 @@ def test_fast_newton_schulz_bf16_batched_gemms_match_reference(shape):
     from k2train.kernels.newton_schulz import newton_schulz_fast
 
     G = _ns_input(shape, torch.bfloat16)
-    ref = _newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.bfloat16)
-    exact = _newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float64)
+    ref = newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.bfloat16)
+    exact = newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.float64)
     got = newton_schulz_fast(G, 5, K2_NS_COEFFICIENTS)
     assert got.dtype == torch.bfloat16 and _rel(got, exact) < 0.03
     assert _rel(got, ref) < 1e-3
-    assert torch.equal(newton_schulz_fast(G, 0, K2_NS_COEFFICIENTS), _newton_schulz_eager(G, 0, K2_NS_COEFFICIENTS, 1e-7,
+    assert torch.equal(newton_schulz_fast(G, 0, K2_NS_COEFFICIENTS), newton_schulz_eager(G, 0, K2_NS_COEFFICIENTS, 1e-7,
                                                                                            torch.bfloat16))
 
 
@@ -127,7 +127,7 @@ def test_batch_dims_and_cpu_dispatch():
     got = newton_schulz_fast(G, 5, K2_NS_COEFFICIENTS, dtype=torch.float32)
     assert _rel(got[1, 2], newton_schulz_fast(G[1, 2], 5, K2_NS_COEFFICIENTS, dtype=torch.float32)) < 1e-6
     # The kernel is chosen by device: on CPU the public function is the reference, bit for bit.
-    assert torch.equal(newton_schulz(G), _newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.bfloat16))
+    assert torch.equal(newton_schulz(G), newton_schulz_eager(G, 5, K2_NS_COEFFICIENTS, 1e-7, torch.bfloat16))
 
 
 if __name__ == "__main__":

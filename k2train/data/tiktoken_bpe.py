@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from k2train.data.errors import DataError
-from k2train.data.tokenizer import EOD_TOKEN_NAMES, configured_eos
+from k2train.data.eod import EOD_TOKEN_NAMES, configured_eos
 
 TIKTOKEN_FILE = "tiktoken.model"
 # tokenization_kimi.py (Kimi-K2): Han runs apart, then cased words with English contractions,

@@ -10,17 +10,14 @@ Nothing is downloaded: an HF tokenizer is only ever a file on disk.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Protocol
 
+from k2train.data.eod import EOD_TOKEN_NAMES, configured_eos
 from k2train.data.errors import DataError
 
 BYTE_SPEC = "byte"
-# The end-of-document token is looked up under these names when tokenizer_config.json beside the
-# tokenizer.json does not name one (GPT-2/Qwen/Kimi, Llama 2, Llama 3, others).
-EOD_TOKEN_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[EOS]", "<|im_end|>")
 
 
 class Tokenizer(Protocol):
@@ -60,19 +57,6 @@ class ByteTokenizer:
                 raise DataError(f"token id {token} is outside the byte tokenizer's ids 0..256.")
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)
-
-
-def configured_eos(config_path: Path) -> str | None:
-    """The `eos_token` of an HF tokenizer_config.json, if the file exists and names one."""
-    if not config_path.is_file():
-        return None
-    try:
-        eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"{config_path} is not a readable JSON object: {exc}.") from exc
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) else None
 
 
 class HFTokenizer:

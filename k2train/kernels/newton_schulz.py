@@ -62,7 +62,7 @@ def _gram_kernel(p_ptr, c_ptr, out_ptr, N, K, alpha, beta,
         tl.store(o_base + rows_j[:, None] * stride_on + rows_i[None, :], tl.trans(out), mask=tl.trans(mask))
 
 
-def _blocks(N: int, K: int) -> tuple[int, int]:
+def default_blocks(N: int, K: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K): 128 × 64 tiles at training sizes, the smallest tl.dot tile (16) below."""
     return min(128, max(16, triton.next_power_of_2(N))), min(64, max(16, triton.next_power_of_2(K)))
 
@@ -84,7 +84,7 @@ def gram(P: Tensor, C: Tensor | None = None, alpha: float = 1.0, beta: float = 0
         out = torch.empty((B, N, N), dtype=P.dtype, device=P.device)
     if C is not None:
         C = C.contiguous()
-    block_n, block_k = blocks or _blocks(N, K)
+    block_n, block_k = blocks or default_blocks(N, K)
     num_blocks = triton.cdiv(N, block_n)
     grid = (num_blocks * (num_blocks + 1) // 2, B)
     c_arg = C if C is not None else out  # not read when HAS_C is false

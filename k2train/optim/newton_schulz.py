@@ -41,10 +41,10 @@ def newton_schulz(
         from k2train.kernels.newton_schulz import newton_schulz_fast
 
         return newton_schulz_fast(G, steps, tuple(coefficients), eps, dtype)
-    return _newton_schulz_eager(G, steps, coefficients, eps, dtype)
+    return newton_schulz_eager(G, steps, coefficients, eps, dtype)
 
 
-def _newton_schulz_eager(G: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+def newton_schulz_eager(G: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
                          dtype: torch.dtype) -> Tensor:
     """The reference of `newton_schulz`, in plain torch (any device)."""
     a, b, c = coefficients

@@ -124,7 +124,7 @@ def point_latest(root: Path, name: str) -> None:
     fsync_dir(root)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -233,13 +233,13 @@ class Checkpointer:
 
     def _publish(self, partial: Path, manifest: dict) -> None:
         # Every rank hashes the files it wrote; rank 0 records them and makes the checkpoint visible.
-        mine = {p.name: _file_digest(p) for p in partial.glob(f"__{self.rank}_*.distcp")}
+        mine = {p.name: file_digest(p) for p in partial.glob(f"__{self.rank}_*.distcp")}
         digests = {}
         for part in gather_objects(mine, self.distributed):
             digests.update(part)
         if self.rank == 0:
             for name in (".metadata", METADATA_JSON):
-                digests[name] = _file_digest(partial / name)
+                digests[name] = file_digest(partial / name)
             write_json_file(partial / MANIFEST, {**manifest, "files": digests})
             fsync_dir(partial)
             final = step_dir(self.root, manifest["step"])
@@ -326,7 +326,7 @@ class Checkpointer:
             file = path / name
             if not file.is_file():
                 problem = f"{file} is missing from the checkpoint."
-            elif _file_digest(file) != manifest["files"][name]:
+            elif file_digest(file) != manifest["files"][name]:
                 problem = f"{file} does not match its sha256 in {manifest_path}; the file is corrupt."
             if problem:
                 break
