@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # GPU images run it from a checkout
 
-from benchmarks.device_sections import SECTIONS, Bench, Sizes  # noqa: E402
+from benchmarks.gpu_kernel_sections import SECTIONS, Bench, Sizes  # noqa: E402
 
 # Section results that later sections judge against, passed from the parent to each child.
 LIMITS = {"gemm": ("tflops", "gemm_tflops"), "copy": ("gbs", "copy_gbs")}

@@ -1,4 +1,4 @@
-"""The sections of `benchmarks/device_kernels.py`: each measures one thing on the GPU, checks it
+"""The sections of `benchmarks/gpu_kernels.py`: each measures one thing on the GPU, checks it
 against its reference there, and returns its numbers with the table rows they make.
 
 Throughputs count the work of the plain algorithm: bytes read + written for copies and FP8 tiles,
