@@ -6,9 +6,9 @@ matrices of a K2-shaped model at reduced width, each routed expert its own matri
 gradients, the same for every method. Per step, the methods take turns (the order rotates):
 
 - ours: `parallel.zero1.optimizer.ShardGroup` (reduce_scatter to owners, Newton-Schulz once per matrix on
-  its owner, all_gather; DESIGN §3);
-- moonlight: Distributed Muon (Moonlight, arXiv 2502.16982, §2.3, Algorithm 1), the anchor DESIGN
-  §3 names: ZeRO-1 over a flat buffer cut into equal slices that ignore matrix boundaries; after
+  its owner, all_gather; docs/ARCHITECTURE.md#zero-1);
+- moonlight: Distributed Muon (Moonlight, arXiv 2502.16982, §2.3, Algorithm 1), the anchor
+  to beat (docs/ARCHITECTURE.md#zero-1): ZeRO-1 over a flat buffer cut into equal slices that ignore matrix boundaries; after
   the reduce_scatter and the momentum update on its slice, a rank gathers from the other holders
   the pieces of every matrix its slice touches, runs Newton-Schulz on the whole matrix, keeps its
   part of the update; then all_gather. A matrix spanning k slices is orthogonalised k times;
@@ -67,7 +67,7 @@ def bench_model(hidden: int, layers: int, experts: int) -> ModelConfig:
 
 def bench_matrices(cfg: ModelConfig) -> list[tuple[str, Tensor]]:
     """(name, [n, m] float32) of every Muon matrix of the model, initialised as K2Model does; a 3-D
-    expert stack [E, n, m] becomes E matrices `name[e]` (each expert is its own matrix, K2_REFERENCE §2)."""
+    expert stack [E, n, m] becomes E matrices `name[e]` (each expert is its own matrix, docs/ARCHITECTURE.md#zero-1)."""
     from k2train.model import K2Model
 
     muon_named, _ = split_param_groups(K2Model(cfg).named_parameters())
