@@ -47,7 +47,7 @@ test: install-test
 
 # Throughput of the tiny config on this machine (not a test; numbers for comparisons).
 bench: install
-	$(BIN)/python tests/benchmarks/bench_tiny.py
+	$(BIN)/python benchmarks/cpu_tiny.py
 
 $(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[bench]"
@@ -57,33 +57,33 @@ install-bench: $(VENV)/.installed-bench
 
 # One ZeRO-1 MuonClip step: ours vs Moonlight's Distributed Muon vs DeepSpeed's Muon, DP 4 on gloo (not a test).
 bench-optimizer: install-bench
-	$(BIN)/python tests/benchmarks/bench_optimizer.py
+	$(BIN)/python benchmarks/cpu_optimizer.py
 
 # Bytes saved for backward per token by one MoE decoder layer (tiny and k2_1t shapes) for each
 # memory feature, and the 50-step tiny run with every feature on against all off (not a test).
 bench-memory: install
-	$(BIN)/python tests/benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/cpu_memory.py
 
 # Peak RSS of `k2train convert` import and export for three model sizes (up to 17x apart), each in a
 # fresh process: streaming keeps it flat (not a test).
 bench-convert: install
-	$(BIN)/python tests/benchmarks/bench_convert.py
+	$(BIN)/python benchmarks/cpu_convert.py
 
 # Pipeline stages split by layer count vs by cost (parallel/pipeline/split.py) on a tiny model whose head
 # is a large share of the cost: each rank's forward+backward time, side by side (not a test).
 bench-split: install
-	$(BIN)/python tests/benchmarks/bench_stage_split.py
+	$(BIN)/python benchmarks/cpu_stage_split.py
 
 # parallel.overlap=ep off and on for PP2xVP2xEP2xDP2, PP2xEP2 and PP1xEP4 inside a network namespace
 # whose loopback is rate-limited (tc tbf), beside the plan's time model; needs root (not a test).
 # RATE=500mbit by default; about 15 minutes on 2 cores.
 bench-overlap: install
-	$(BIN)/python tests/benchmarks/bench_overlap.py $(if $(RATE),--rate $(RATE))
+	$(BIN)/python benchmarks/cpu_overlap.py $(if $(RATE),--rate $(RATE))
 
 # memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
 # memory (step time, bytes by place, how much of the copying the update hides; not a test).
 bench-offload: install
-	$(BIN)/python tests/benchmarks/bench_optimizer_offload.py
+	$(BIN)/python benchmarks/cpu_optimizer_offload.py
 
 # The GPU fast paths (attention with max logits, FP8 tiles, Newton-Schulz, grouped experts) against
 # their torch baselines and the card's measured GEMM peak and copy bandwidth, on one GPU, in under
@@ -91,12 +91,12 @@ bench-offload: install
 # torch, so it runs on DEVICE_PYTHON from the checkout rather than on the CPU-pinned venv.
 DEVICE_PYTHON ?= python3
 bench-device:
-	$(DEVICE_PYTHON) benchmarks/device_kernels.py --out bench-device.json
+	$(DEVICE_PYTHON) benchmarks/gpu_kernels.py --out bench-device.json
 
 # One k2_1t MoE decoder layer on one GPU (24 local experts x ~1,365 rows), each memory feature on
 # and off: forward+backward time, device memory held for backward, peak (writes bench-memory-device.json).
 bench-device-memory:
-	$(DEVICE_PYTHON) benchmarks/device_memory.py --out bench-memory-device.json
+	$(DEVICE_PYTHON) benchmarks/gpu_memory.py --out bench-memory-device.json
 
 # A rank killed with SIGKILL under torchrun --max-restarts: the job resumes from its last checkpoint
 # and ends with the parameters of an uninterrupted run (about a minute; CI runs it).

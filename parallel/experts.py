@@ -1,6 +1,6 @@
 """Expert parallelism: each EP rank holds E/EP experts and the routed rows travel by all-to-all.
 
-K2 (K2_REFERENCE §3) shards its 384 experts 16 ways, 24 per rank. Per MoE layer and micro-batch:
+K2 (§2.4) shards its 384 experts 16 ways, 24 per rank. Per MoE layer and micro-batch:
 1. counts first: every rank tells every other how many of its rows go to each of their experts
    (an all-to-all of an [EP, E_local] int64 table, the one host sync the exchange needs);
 2. the rows, sorted by global expert (so by destination rank), go out with an uneven

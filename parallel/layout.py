@@ -1,16 +1,16 @@
 """The PP x EP x DP rank layout as a pure function of the world size, the degrees and the rank order.
 
 K2 trains with 16-way pipeline parallelism (interleaved 1F1B over virtual stages), 16-way expert
-parallelism and ZeRO-1 data parallelism, without tensor parallelism (K2 report §2.4, K2_REFERENCE §3).
+parallelism and ZeRO-1 data parallelism, without tensor parallelism (K2 report §2.4).
 `Layout` answers every question about where a rank sits (its coordinates, its node, its groups, its
 virtual stages, which slice of the batch it reads) without torch, processes or a network, so the whole
-layout of a 4096-GPU job can be checked on a laptop before anything distributed exists (DESIGN §2).
+layout of a 4096-GPU job can be checked on a laptop before anything distributed exists (docs/ARCHITECTURE.md#layout).
 
 Rank numbering follows Megatron's rank-order generator: `rank = sum(coord[axis] * stride[axis])`, with
 the first axis of `order` varying fastest (stride 1). With order (EP, PP, DP) and 8 GPUs per node, an
 EP group of 16 occupies two whole nodes, so its all-to-all stays on NVLink within each half.
 
-Groups (DESIGN §2): dense weights of a stage are replicated over its EP x DP ranks and expert weights
+Groups (docs/ARCHITECTURE.md#layout): dense weights of a stage are replicated over its EP x DP ranks and expert weights
 over its DP ranks, so dense gradients reduce over the "dense" group and expert gradients over the
 "expert_grad" group; the "expert" group runs the token all-to-all and the "pipeline" group the p2p sends.
 """

@@ -1,5 +1,5 @@
 """The grouped-GEMM expert path runs no per-expert Python loop and reads nothing back to the host,
-except the one read-back of the EP all-to-all's counts (K2_REFERENCE §3: 24 local experts per rank;
+except the one read-back of the EP all-to-all's counts (K2 §2.4: 24 local experts per rank;
 a host sync per expert or per layer stalls the GPU behind the CPU).
 
 On CPU a sync cannot be observed directly, so every Python-level way to read a tensor back

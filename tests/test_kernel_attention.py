@@ -1,5 +1,5 @@
-"""The Triton flash attention that reports each head's max logit (QK-Clip's S_max, K2_REFERENCE §2 and
-§5), against the eager reference, under the CPU interpreter.
+"""The Triton flash attention that reports each head's max logit (QK-Clip's S_max, K2 §2.1 and
+docs/ARCHITECTURE.md#h200-limits), against the eager reference, under the CPU interpreter.
 
 The kernels run in one child process started with TRITON_INTERPRET=1 (tests/triton_interpret.py);
 it builds the inputs below from fixed seeds and saves the kernel's outputs and gradients, and the

@@ -1,4 +1,4 @@
-"""MuonClip (Newton–Schulz, Muon, AdamW, QK-Clip) and the WSD schedule (K2_REFERENCE §2, §4)."""
+"""MuonClip (Newton–Schulz, Muon, AdamW, QK-Clip) and the WSD schedule (K2 §2.1, §2.5)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ rewrites a value. Type rules (an int where an int belongs) are the loader's job;
 well-typed dataclasses and checks what their values mean together.
 
 The batch: dense weights are replicated over the EP x DP ranks of a pipeline stage and each of
-those ranks runs its own sequences (DESIGN §2), so a step's sequences are split over ep * dp ranks.
+those ranks runs its own sequences (docs/ARCHITECTURE.md#layout), so a step's sequences are split over ep * dp ranks.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def _check_data(cfg: JobConfig, source: str) -> None:
 
 
 def sequence_ranks(parallel: ParallelConfig, dp: int) -> int:
-    """Ranks of one pipeline stage that each run their own sequences: ep * dp (DESIGN §2)."""
+    """Ranks of one pipeline stage that each run their own sequences: ep * dp (docs/ARCHITECTURE.md#layout)."""
     return parallel.ep * dp
 
 
@@ -315,7 +315,7 @@ def check_batch(cfg: JobConfig, dp: int, source: str, dp_note: str = "") -> None
 
 
 def world_problem(parallel: ParallelConfig, world_size: int) -> str | None:
-    """Why `world_size` ranks cannot hold the layout (world = pp * ep * dp, DESIGN §2), or None."""
+    """Why `world_size` ranks cannot hold the layout (world = pp * ep * dp, docs/ARCHITECTURE.md#layout), or None."""
     copy = parallel.pp * parallel.ep
     if world_size < 1 or world_size % copy:
         return (f"a world of {world_size} ranks is not a multiple of parallel.pp {parallel.pp} x "
@@ -328,7 +328,7 @@ def world_problem(parallel: ParallelConfig, world_size: int) -> str | None:
 
 
 def resolve_dp(parallel: ParallelConfig, world_size: int, source: str) -> int:
-    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp (DESIGN §2)."""
+    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp (docs/ARCHITECTURE.md#layout)."""
     problem = world_problem(parallel, world_size)
     if problem:
         raise ConfigError(f"{source}: {problem}")

@@ -24,7 +24,7 @@ class YarnConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The K2 architecture family (K2_REFERENCE §1); names follow the DeepseekV3 config."""
+    """The K2 architecture family (K2 §2.3); names follow the DeepseekV3 config."""
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -65,7 +65,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """The layout (DESIGN §2). world = pp * ep * dp; dp None means "what the world size leaves"."""
+    """The layout (docs/ARCHITECTURE.md#layout). world = pp * ep * dp; dp None means "what the world size leaves"."""
 
     pp: int = 1
     # Virtual pipeline stages per rank (interleaved 1F1B).
@@ -88,7 +88,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """MuonClip (K2_REFERENCE §2) with AdamW for non-matrix parameters, and the WSD schedule (§4)."""
+    """MuonClip (K2 §2.1) with AdamW for non-matrix parameters, and the WSD schedule (§2.5)."""
 
     lr: float = 2e-4
     min_lr: float = 2e-5
@@ -97,7 +97,7 @@ class OptimizerConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-    # Newton-Schulz runs in bf16 (K2_REFERENCE §2); "float32" is for exactness checks across layouts.
+    # Newton-Schulz runs in bf16 (K2 §2.1); "float32" is for exactness checks across layouts.
     ns_dtype: str = "bfloat16"
     # Update-RMS matching: O * update_rms * sqrt(max(n, m)).
     update_rms: float = 0.2
@@ -122,7 +122,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """Activation and optimizer-state memory features (K2_REFERENCE §3, DESIGN §4)."""
+    """Activation and optimizer-state memory features (K2 §2.4, §2.4.3)."""
 
     fp8_activations: bool = False
     selective_recompute: bool = False
@@ -134,7 +134,7 @@ class MemoryConfig:
     # goes to host. Without activation_offload it has no effect.
     activation_offload_budget_gib: float | str | None = None
     # The owners' master weights and optimizer states live in host memory and reach the device a
-    # chunk at a time for the update (K2_REFERENCE §3: with few nodes, optimizer states go to CPU).
+    # chunk at a time for the update (K2 §2.4: with few nodes, optimizer states go to CPU).
     optimizer_offload: bool = False
     # The owner updates its items in chunks of at most this many MiB of float32 state, with offload
     # on or off (the same chunks give the same bits); with offload, three chunks' buffers are on the device.

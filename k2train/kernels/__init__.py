@@ -1,4 +1,4 @@
-"""Triton fast paths for the GPU (K2_REFERENCE §5): attention that reports max logits, FP8 tiles,
+"""Triton fast paths for the GPU (docs/ARCHITECTURE.md#h200-limits): attention that reports max logits, FP8 tiles,
 Newton–Schulz. Each has an eager torch reference elsewhere in k2train that it is tested against;
 callers choose the kernel by the tensor's device (`use_triton`), never by a flag.
 

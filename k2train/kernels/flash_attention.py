@@ -1,8 +1,8 @@
 """Causal flash attention (forward and backward) that also returns each head's max logit.
 
-QK-Clip (K2_REFERENCE §2, paper §2.1) needs S_max^h, the largest pre-softmax logit q·k·scale of head
+QK-Clip (K2 §2.1) needs S_max^h, the largest pre-softmax logit q·k·scale of head
 h. FlashAttention does not expose it and its log-sum-exp is only an upper bound, while a separate
-QKᵀ pass costs 2.6x the attention forward (K2_REFERENCE §5). The forward kernel already holds the
+QKᵀ pass costs 2.6x the attention forward (docs/ARCHITECTURE.md#h200-limits). The forward kernel already holds the
 exact running row max m_i of the fp32 scores for its online softmax, so it stores it per query row
 (like the log-sum-exp: B·H·S floats) and a torch.amax afterwards gives the per-head max. No atomics.
 

@@ -1,8 +1,8 @@
-"""FP8 tile quantise / dequantise in one pass each (K2 §2.4.3; K2_REFERENCE §3 and §5).
+"""FP8 tile quantise / dequantise in one pass each (K2 §2.4.3; docs/ARCHITECTURE.md#h200-limits).
 
 The eager `quantize_tiles` in k2train/memory/fp8.py is the reference: pad, amax, divide, clamp and
 cast each run as their own kernel over the whole activation, which on an H200 moves 272 GB/s of a
-4245 GB/s memory (K2_REFERENCE §5). Here one program loads a [BLOCK_M, tile] block of rows once,
+4245 GB/s memory (docs/ARCHITECTURE.md#h200-limits). Here one program loads a [BLOCK_M, tile] block of rows once,
 takes each row's amax, scales, clamps, rounds and stores the FP8 data and the FP32 scale; the
 dequantise kernel reads FP8 + scale and writes the compute dtype. Inputs are [..., K] tensors,
 flattened to [M, K] rows; K need not divide by the tile (the last tile of a row is masked).

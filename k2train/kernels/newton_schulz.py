@@ -1,8 +1,8 @@
-"""Newton–Schulz on the GPU (K2_REFERENCE §2 step 2 and §5): batched bf16, optionally symmetric.
+"""Newton–Schulz on the GPU (K2 §2.1, Algorithm 1; docs/ARCHITECTURE.md#h200-limits): batched bf16, optionally symmetric.
 
 The eager `k2train.optim.newton_schulz` is the reference. On an H200 it runs 5 steps on the 24
 expert matrices of a layer (24 × 2048×7168, bf16) at 544 TFLOP/s of a 779 TFLOP/s GEMM
-(K2_REFERENCE §5). Two things here go further:
+(docs/ARCHITECTURE.md#h200-limits). Two things here go further:
 - the normalisation reads G once and writes X once (the norm is accumulated in FP32 from G's own
   dtype and the division is rounded once into `dtype`), where the reference materialises an FP32
   copy and divides it; the iteration then runs in preallocated buffers, one batched cuBLAS GEMM
@@ -112,7 +112,7 @@ def _normalised(G3: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
 def newton_schulz_fast(G: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float = 1e-7,
                        dtype: torch.dtype = torch.bfloat16, symmetric: bool = False,
                        gram_options: dict | None = None) -> Tensor:
-    """The reference's iteration on G [..., n, m] (K2_REFERENCE §2), in `dtype`; returns G's shape and dtype.
+    """The reference's iteration on G [..., n, m] (K2 §2.1), in `dtype`; returns G's shape and dtype.
 
     Wide slices are iterated as they are, tall ones transposed, so A = X·Xᵀ is the small Gram
     matrix. `symmetric` computes A and b·A + c·A·A with `gram` (given `gram_options`: blocks,

@@ -1,4 +1,4 @@
-"""Activation memory mechanisms (K2_REFERENCE §3, DESIGN §4): FP8 storage of saved activations."""
+"""Activation memory mechanisms (K2 §2.4.3): FP8 storage of saved activations."""
 
 from k2train.memory.fp8 import (
     Fp8Tiles,

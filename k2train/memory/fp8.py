@@ -1,4 +1,4 @@
-"""FP8 activation storage (K2_REFERENCE §3, paper §2.4.3; DESIGN §4).
+"""FP8 activation storage (K2 §2.4.3).
 
 K2 keeps the inputs of the MoE up-projections and of SwiGLU for backward as FP8-E4M3 in 1×128 tiles
 with one FP32 scale per tile, while every GEMM stays in the compute dtype (BF16): only what waits for

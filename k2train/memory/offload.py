@@ -1,4 +1,4 @@
-"""Activation CPU offload in pipeline-schedule order (K2 §2.4.3, K2_REFERENCE §3, DESIGN §4).
+"""Activation CPU offload in pipeline-schedule order (K2 §2.4.3).
 
 K2 keeps almost no activations on the GPU: what remains after recomputation and FP8 storage goes to
 host RAM on a copy engine, overlapped with compute; in the 1F1B phase the previous micro-batch's

@@ -1,4 +1,4 @@
-"""Selective recomputation (K2 §2.4.3, DESIGN §4): cheap, large stages keep only their inputs for
+"""Selective recomputation (K2 §2.4.3): cheap, large stages keep only their inputs for
 backward and run again there.
 
 `recomputed(enabled, fn, *inputs)` wraps a region in non-reentrant activation checkpointing: the

@@ -1,5 +1,5 @@
 """What autograd keeps for backward, layer by layer: one saved-tensor hook pair that counts every
-saved tensor and, with activation offload, moves it to host memory (K2 §2.4.3, DESIGN §4).
+saved tensor and, with activation offload, moves it to host memory (K2 §2.4.3).
 
 `torch.autograd.graph.saved_tensors_hooks` applies only the innermost pair of hooks, so counting and
 offloading are one pair (`SavedActivations`) rather than two that would hide each other. Inside a

@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (MLA) that reports each head's maximum pre-softmax logit.
 
-K2 (K2_REFERENCE §1) uses DeepSeek-V3's MLA: q goes through a low-rank bottleneck
+K2 (§2.3) uses DeepSeek-V3's MLA: q goes through a low-rank bottleneck
 (q_a_proj -> RMSNorm -> q_b_proj); keys and values come from a 512-dim latent plus one 64-dim rope
 key shared by all heads (kv_a_proj_with_mqa -> RMSNorm -> kv_b_proj). QK-Clip (K2 §2.1) needs, per
 head, the largest logit q·k·scale of the step, so the forward returns it as a by-product: the
@@ -27,7 +27,7 @@ def causal_attention_with_max_logits(
 
     max_logit_H is the max over batch, queries and visible keys of q·k·scale, detached: it is a
     statistic for QK-Clip, not part of the loss. On CUDA a Triton flash-attention kernel computes
-    both without materialising the logits (K2_REFERENCE §5); elsewhere the eager reference does.
+    both without materialising the logits (docs/ARCHITECTURE.md#h200-limits); elsewhere the eager reference does.
     """
     if use_triton(q_BHSK):
         # Imported here: Triton may be absent, and the kernels are built when the module loads.

@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward, used by the dense layers and the shared expert (K2_REFERENCE §1)."""
+"""SwiGLU feed-forward, used by the dense layers and the shared expert (K2 §2.3)."""
 
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """The one mapping between this project's parameter names and the HF DeepseekV3 checkpoint layout.
 
-Kimi-K2's released checkpoint (K2_REFERENCE §1) uses per-expert tensors
+Kimi-K2's released checkpoint (moonshotai/Kimi-K2-Instruct) uses per-expert tensors
 (`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`); this project stores each layer's experts as
 3-D tensors [E, out, in]. Every other name is the same up to the `model.` prefix.
 """

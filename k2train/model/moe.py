@@ -1,6 +1,6 @@
 """Mixture of experts: sigmoid router with aux-loss-free balancing, routed and shared experts.
 
-K2_REFERENCE §1: scores are sigmoids of the router logits; a per-expert bias is added to the scores
+K2 §2.3: scores are sigmoids of the router logits; a per-expert bias is added to the scores
 for top-k *selection only*; the combine weights are the unbiased scores of the chosen experts,
 normalised to sum 1 and multiplied by `routed_scaling_factor`. No expert grouping, no token dropping.
 The bias is a buffer, moved by `update_router_bias_` from the step's expert loads (DeepSeek-V3's

@@ -1,4 +1,4 @@
-"""RMSNorm (K2_REFERENCE §1: RMSNorm, eps 1e-6), computed in float32 like the DeepseekV3 reference."""
+"""RMSNorm (K2 §2.3 and the released config.json: RMSNorm, eps 1e-6), computed in float32 like the DeepseekV3 reference."""
 
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""Rotary position embedding for MLA's decoupled rope dims, with optional YaRN (K2_REFERENCE §1).
+"""Rotary position embedding for MLA's decoupled rope dims, with optional YaRN (K2 §2.3, §2.5).
 
 DeepSeek-style checkpoints (Kimi-K2 included) store the rope dims of q and k as interleaved pairs
 (x0, x1), (x2, x3), ...; each pair is rotated by one frequency and the result is laid out as

@@ -1,4 +1,4 @@
-"""MuonClip (Muon + AdamW + QK-Clip) and the WSD learning-rate schedule (K2_REFERENCE §2, §4)."""
+"""MuonClip (Muon + AdamW + QK-Clip) and the WSD learning-rate schedule (K2 §2.1, §2.5)."""
 
 from k2train.optim.muon_clip import MuonClip, split_param_groups
 from k2train.optim.newton_schulz import newton_schulz, newton_schulz_many

@@ -1,4 +1,4 @@
-"""MuonClip on one process (K2_REFERENCE §2, paper Algorithm 1): Muon for hidden matrices, AdamW for
+"""MuonClip on one process (K2 §2.1, Algorithm 1): Muon for hidden matrices, AdamW for
 the rest, and QK-Clip after the step.
 
 Muon, per hidden matrix W [n, m] with gradient G (each expert's [I, D] slice of a 3-D expert tensor
@@ -14,7 +14,7 @@ head, the norms and every 1-D parameter. The router bias is a buffer updated by 
 rule, so it never reaches the optimizer.
 
 This is the single-process reference: parameters must be float32 and are updated in place. The bf16
-parameter / float32 master-weight path is the sharded optimizer's (DESIGN §3).
+parameter / float32 master-weight path is the sharded optimizer's (docs/ARCHITECTURE.md#zero-1).
 """
 
 from __future__ import annotations

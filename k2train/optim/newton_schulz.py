@@ -1,4 +1,4 @@
-"""Newton–Schulz orthogonalisation, the core of Muon (K2_REFERENCE §2, step 2).
+"""Newton–Schulz orthogonalisation, the core of Muon (K2 §2.1, Algorithm 1).
 
 The quintic iteration `X <- a·X + (b·A + c·A·A)·X` with `A = X·Xᵀ` drives every singular value of a
 Frobenius-normalised matrix towards a band around 1 without computing an SVD. The K2 coefficients

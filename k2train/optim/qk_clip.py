@@ -1,4 +1,4 @@
-"""QK-Clip (K2_REFERENCE §2): rescale the query/key weights of heads whose max logit exceeded τ.
+"""QK-Clip (K2 §2.1): rescale the query/key weights of heads whose max logit exceeded τ.
 
 After the optimizer step, a head h with S_max^h > τ gets γ = τ / S_max^h. MLA's logit for head h is
     (q_nope · k_nope + q_rope · k_rope) · scale,
@@ -60,7 +60,7 @@ def clip_q_rows_(q_b_weight: Tensor, gamma_H: Tensor, nope: int, rope: int) -> N
     """q_b_proj's half of QK-Clip: W_qc rows of clipped heads × sqrt(γ), W_qr rows × γ.
 
     The two halves are separate so that, with a sharded optimizer, the owner of each matrix
-    clips its own master copy (DESIGN §3)."""
+    clips its own master copy (docs/ARCHITECTURE.md#zero-1)."""
     heads, gamma = _clipped_heads(gamma_H, q_b_weight.device)
     if heads.numel():
         q_HRC = q_b_weight.view(gamma_H.numel(), nope + rope, -1)

@@ -1,4 +1,4 @@
-"""The WSD learning-rate schedule (K2_REFERENCE §4): warm-up, stable, decay.
+"""The WSD learning-rate schedule (K2 §2.5): warm-up, stable, decay.
 
 K2: 500 linear warm-up steps, a constant 2e-4 for 10T tokens, then a cosine decay to 2e-5 over 5.5T
 tokens. Steps are optimizer steps counted from 0. Warm-up starts at lr/warmup_steps (not 0, so the

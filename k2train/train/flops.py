@@ -2,7 +2,7 @@
 
 Only matrix products are counted (2 FLOPs per multiply-add); norms, RoPE, softmax, SiLU and the
 routing's top-k are not, as in the usual MFU convention (PaLM, Megatron). Per token of a sequence
-of S tokens, for each of the model's parts (K2_REFERENCE §1):
+of S tokens, for each of the model's parts (K2 §2.3):
 
 - MLA projections: q_a (D -> q_lora), q_b (q_lora -> H·(dn+dr)), kv_a (D -> kv_lora+dr),
   kv_b (kv_lora -> H·(dn+dv)), o (H·dv -> D);

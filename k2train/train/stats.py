@@ -1,7 +1,7 @@
 """What one optimizer step measured, and the metrics record made of it.
 
 The per-head max logits are the MAX over the step's micro-batches and ranks (QK-Clip acts on the
-largest logit of the whole step, K2_REFERENCE §2) and the expert loads the SUM (the bias update
+largest logit of the whole step, K2 §2.1) and the expert loads the SUM (the bias update
 uses the step's total loads); the step runner reduces both before they get here.
 """
 

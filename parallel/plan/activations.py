@@ -3,7 +3,7 @@
 Each function lists the tensors the ops of `k2train/model` save (`save_for_backward` or an op's
 own saved inputs/outputs), keyed by the storage they keep alive, as `k2train.memory.saved_bytes`
 counts them: each storage once, parameters excluded. The list changes with the memory features
-(K2_REFERENCE §3, DESIGN §4):
+(K2 §2.4.3):
 - memory.fp8_activations: the inputs of the up-projections (`fp8_saved_linear`,
   `fp8_saved_grouped_mm`) and of SwiGLU are kept as FP8 tiles, 1 byte per element plus one FP32
   scale per 1x128 tile; each of gate and up quantises its input separately, so x is kept twice;

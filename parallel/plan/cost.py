@@ -38,8 +38,8 @@ class Hardware:
 
 # K2 §2.4: H800 nodes of 8 GPUs on NVLink, 8 x 400 Gbps RoCE, 2 TB of host memory. The H800 has the
 # H100's compute and memory and a narrower NVLink (400 GB/s both directions together). PCIe: the
-# pinned copy rate measured on an H200 node (K2_REFERENCE §5, 55 GB/s). Efficiency: one K2 decoder
-# layer's forward and backward ran at 523 TFLOP/s on an H200 (K2_REFERENCE §5), 53% of 989.
+# pinned copy rate measured on an H200 node (docs/ARCHITECTURE.md#h200-limits, 55 GB/s). Efficiency: one K2 decoder
+# layer's forward and backward ran at 523 TFLOP/s on an H200 (docs/ARCHITECTURE.md#h200-limits), 53% of 989.
 HARDWARE = {
     "h800": Hardware("H800 SXM", 80, 989, 200, 50, 55, 2048),
     "h100": Hardware("H100 SXM", 80, 989, 450, 50, 55, 2048),
@@ -103,7 +103,7 @@ def assumptions(hw: Hardware, attention: str) -> list[str]:
         f"network {hw.network_gbs:g} GB/s, PCIe {hw.pcie_gbs:g} GB/s per GPU and direction; "
         f"{hw.host_memory_gib:g} GiB host memory per node, shared by its GPUs; host memory bandwidth not modelled",
         f"compute at {hw.efficiency:.0%} of peak (a K2 layer's forward+backward reached 523 TFLOP/s on an H200, "
-        f"K2_REFERENCE §5); FLOPs of matrix products only; backward = 2x forward; recomputation adds its GEMMs",
+        f"docs/ARCHITECTURE.md#h200-limits); FLOPs of matrix products only; backward = 2x forward; recomputation adds its GEMMs",
         f"attention: {attention} ("
         + ("a flash-attention kernel: saves q, k, v, output and the row log-sum-exp, computes the causal half)"
            if attention == "fused" else

@@ -2,7 +2,7 @@
 
 Every rank's model parts are built on the meta device (nothing is allocated, as in param_report.py)
 and cut into optimizer items (ownership.py). Each gradient-reduction group shares its items out
-(DESIGN §3): the dense items of a pipeline rank over the ep*dp ranks of its stage ("dense" group),
+(docs/ARCHITECTURE.md#zero-1): the dense items of a pipeline rank over the ep*dp ranks of its stage ("dense" group),
 the expert items of one EP slice over the dp ranks holding it ("expert_grad" group). The report
 shows, per rank, the optimizer-state bytes it owns against what it would keep without sharding
 (everything it holds), its Newton–Schulz FLOPs per step and its matrix count, and per group kind

@@ -1,7 +1,7 @@
 """Where the owner's ZeRO-1 optimizer states live, and how a chunk of them reaches the update.
 
 K2 trains on as few as 32 nodes; there the owners' float32 master weights, Muon momentum and AdamW
-moments no longer fit beside the activations, so optimizer states go to CPU memory (K2_REFERENCE §3,
+moments no longer fit beside the activations, so optimizer states go to CPU memory (K2 §2.4,
 memory.optimizer_offload). The owner updates its items chunk by chunk: a chunk is a run of owned
 items, consecutive in the owner's flat state, holding at most `chunk_bytes` of float32 state (AdamW
 items are cut anywhere, a Muon matrix never: Newton-Schulz needs it whole, so one larger than the

@@ -1,4 +1,4 @@
-"""MuonClip sharded ZeRO-1 style with whole-matrix ownership (DESIGN §3, K2_REFERENCE §2-3).
+"""MuonClip sharded ZeRO-1 style with whole-matrix ownership (K2 §2.1, §2.4; docs/ARCHITECTURE.md#zero-1).
 
 Every optimizer item (a hidden matrix, one expert's matrix, a non-matrix parameter, or a row block
 of a large AdamW parameter such as the embedding or the head) is owned whole by one rank of its

@@ -1,7 +1,7 @@
-"""Which rank owns each optimizer item under ZeRO-1 MuonClip (DESIGN §3): a pure assignment.
+"""Which rank owns each optimizer item under ZeRO-1 MuonClip (docs/ARCHITECTURE.md#zero-1): a pure assignment.
 
 An item is what one owner updates whole: a 2-D hidden matrix, one expert's matrix of a 3-D expert
-stack (each expert is its own Muon matrix, K2_REFERENCE §2), or an AdamW parameter (embedding, head,
+stack (each expert is its own Muon matrix, docs/ARCHITECTURE.md#zero-1), or an AdamW parameter (embedding, head,
 norms, 1-D parameters). Newton–Schulz on a slice of a matrix is a different function, not an
 approximation, so Muon items are never split; the owner keeps the FP32 master weight and the
 optimizer state, runs Newton–Schulz once, and the group all-gathers the new values.
@@ -33,7 +33,7 @@ import torch
 from k2train.config.schema import OptimizerConfig
 from k2train.optim.muon_clip import split_param_groups
 
-# Optimizer-state bytes per owned element (DESIGN §3): the FP32 master weight for every element,
+# Optimizer-state bytes per owned element (docs/ARCHITECTURE.md#zero-1): the FP32 master weight for every element,
 # plus Muon's FP32 momentum, or AdamW's two FP32 moments.
 MASTER_BYTES = 4
 MUON_STATE_BYTES = 4
@@ -71,7 +71,7 @@ def row_blocks(shape: Sequence[int], block_elements: int) -> list[tuple[int, int
 
 
 def is_expert_param(name: str) -> bool:
-    """Routed-expert parameters: sharded over EP, their gradients reduced over DP only (DESIGN §2)."""
+    """Routed-expert parameters: sharded over EP, their gradients reduced over DP only (docs/ARCHITECTURE.md#layout)."""
     return ".mlp.experts." in name
 
 

@@ -29,7 +29,7 @@ import torch
 from k2train.config.load import load_config
 from k2train.memory.layer_probe import FEATURES, moe_layer, saved_per_token
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 

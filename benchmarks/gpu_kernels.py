@@ -2,7 +2,7 @@
 
 First the card's own limits, measured here rather than taken from a datasheet: the bf16 GEMM peak
 (8192³ matmul) and the device memory-copy bandwidth (read + write). Then each fast path beside its
-torch baseline at K2 shapes (K2_REFERENCE §1, §5), with the issue's targets:
+torch baseline at K2 shapes (K2 §2.3; docs/ARCHITECTURE.md#h200-limits), with the issue's targets:
 - attention forward + backward with per-head max logits vs SDPA without them (B 1, H 64, S 4096,
   qk 192, v 128, causal, bf16): at most 10% slower;
 - FP8 1×128 quantise and dequantise of a 16384 × 7168 bf16 activation vs eager: >= 85% of the copy
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # GPU images run it from a checkout
 
-from benchmarks.device_sections import SECTIONS, Bench, Sizes  # noqa: E402
+from benchmarks.gpu_kernel_sections import SECTIONS, Bench, Sizes  # noqa: E402
 
 # Section results that later sections judge against, passed from the parent to each child.
 LIMITS = {"gemm": ("tflops", "gemm_tflops"), "copy": ("gbs", "copy_gbs")}

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]
 HERE = Path(__file__).resolve().parent
 NAMESPACE = "k2bench-overlap"
 QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=false"]
@@ -128,7 +128,7 @@ def layout_overrides(pp: int, vp: int, ep: int, dp: int, overlap: str) -> list[s
 def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str) -> list[dict]:
     from multiproc import run_world
 
-    return run_world(pp * ep * dp, "bench_overlap:measure",
+    return run_world(pp * ep * dp, "cpu_overlap:measure",
                      dict(overrides=layout_overrides(pp, vp, ep, dp, overlap), data=data, steps=steps,
                           replay=overlap == "none"), timeout=900)
 
@@ -248,7 +248,7 @@ def outside(args) -> None:
     try:
         _run(["ip", "-n", NAMESPACE, "link", "set", "lo", "up"])
         env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
                         "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
                         "--only", args.only], check=True, env=env)

@@ -20,7 +20,7 @@ from k2train.model import K2Model, ModelPart
 from parallel.pipeline.stages import lm_loss
 from parallel.pipeline.split import choose_split, rank_costs, split_layers, unit_costs
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]
 OVERRIDES = ["model.vocab_size=8192", "model.num_layers=8", "model.num_experts=8", "data.seq_len=128",
              "train.micro_batch_size=2", "train.global_batch_tokens=2048", "parallel.pp=4", "parallel.vp=1",
              "parallel.ep=1", "parallel.dp=1"]

@@ -1,6 +1,6 @@
 """One K2 MoE decoder layer on one GPU, each memory feature on and off (`make bench-device-memory`).
 
-The layer is what one EP rank of `k2_1t` runs (K2_REFERENCE §1, §3): MLA on one 4096-token
+The layer is what one EP rank of `k2_1t` runs (K2 §2.3, §2.4): MLA on one 4096-token
 sequence, the router over 384 experts, 24 local experts receiving ~1,365 rows each (the 4096 × 8
 routed rows folded onto them, `k2train/memory/layer_probe.py`) and the shared expert, in bf16. For
 each combination of FP8 storage, selective recomputation and activation offload it measures, with

@@ -23,7 +23,7 @@ from k2train.config.load import load_config
 from k2train.train.metrics import read_metrics
 from parallel.trainer import run_training
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "k2_tiny.yaml"
 QUIET = ["logging.wandb=false", "logging.plots=false", "logging.progress_bar=false"]
 ONE_PROCESS = ["parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1"]

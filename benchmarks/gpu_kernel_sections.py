@@ -1,8 +1,8 @@
-"""The sections of `benchmarks/device_kernels.py`: each measures one thing on the GPU, checks it
+"""The sections of `benchmarks/gpu_kernels.py`: each measures one thing on the GPU, checks it
 against its reference there, and returns its numbers with the table rows they make.
 
 Throughputs count the work of the plain algorithm: bytes read + written for copies and FP8 tiles,
-multiply-adds × 2 for GEMMs, the unskipped FLOPs for Newton–Schulz (K2_REFERENCE §5 counts the same
+multiply-adds × 2 for GEMMs, the unskipped FLOPs for Newton–Schulz (docs/ARCHITECTURE.md#h200-limits counts the same
 way, so the figures compare with it). Times are medians of CUDA-event intervals after warm-up.
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Sizes:
-    """K2 shapes (K2_REFERENCE §1: 384 experts / EP 16 = 24 local experts; hidden 7168; width 2048)."""
+    """K2 shapes (K2 §2.3: 384 experts / EP 16 = 24 local experts; hidden 7168; width 2048)."""
 
     gemm: int = 8192
     copy_bytes: int = 2**30

@@ -7,8 +7,8 @@ gather. It prints the median step time with the states on the device and offload
 each place, and on CUDA the time of a plain host <-> device copy of the same bytes, and so how much
 of the streaming the update hides; then checks that both placements leave the same bits.
 
-    python tests/benchmarks/bench_optimizer_offload.py                      # CPU: small sizes
-    python tests/benchmarks/bench_optimizer_offload.py --device cuda --matrices 24 --shape 2048x7168 \\
+    python benchmarks/cpu_optimizer_offload.py                                  # CPU: small sizes
+    python benchmarks/cpu_optimizer_offload.py --device cuda --matrices 24 --shape 2048x7168 \\
         --embedding 32768x7168                                              # K2's expert matrices
 """
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"
 COMMON = ["parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1", "train.param_dtype=bfloat16",
           "model.max_position_embeddings=4096", "optimizer.adamw_block_elements=262144"]
