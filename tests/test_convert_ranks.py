@@ -29,7 +29,7 @@ def _sets(*overrides: str) -> list[str]:
 
 def import_as_rank(payload: dict) -> tuple[int, list, list]:
     """One rank of the launched layout imports; returns its exit code, what it read and its keys."""
-    from parallel import hf_source
+    from parallel.checkpoint import hf_source
     from parallel.checkpoint.hf_import import rank_targets
     from parallel.layout import layout_for
 
