@@ -8,8 +8,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from launch.arguments import at_least_one
+
 if TYPE_CHECKING:
     from k2train.config.schema import JobConfig
+
+_positive_int = at_least_one(lambda text: f"expected a whole number of at least 1, got {text!r}")
 
 
 def add_layout_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -75,16 +79,6 @@ def run_layout(args: argparse.Namespace) -> int:
         print()
         print(describe_params(cfg, layout, args.ranks or representative_ranks(layout)))
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def _rank_list(text: str) -> list[int]:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from launch.arguments import at_least_one
+
 if TYPE_CHECKING:
     from k2train.config.schema import JobConfig
     from parallel.profiling.run import ProfileOptions
+
+_at_least_one = at_least_one(lambda text: f"{text!r} is not a whole number of steps of at least 1")
 
 
 def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,16 +53,6 @@ def _profile_and_print(cfg: JobConfig, options: ProfileOptions) -> None:
     report = run_profile(cfg, options, launch_env())
     if report is not None:
         print(format_summary(report))
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps of at least 1")
-    return value
 
 
 def _positive_float(text: str) -> float:
