@@ -193,7 +193,8 @@ def test_a_changed_config_resumes_only_when_asked_and_steps_must_grow(tmp_path, 
         run_training(tiny(tmp_path, corpus, "train.steps=2", "optimizer.lr=1e-3", name="sweep"), launch_env())
     with pytest.raises(CheckpointError, match=r"already at step 1, and train.steps is 1"):
         run_training(tiny(tmp_path, corpus, "train.steps=1", name="same"), launch_env())
-    run_training(tiny(tmp_path, corpus, "train.steps=2", "optimizer.lr=1e-3", "checkpoint.resume=changed", name="ok"), launch_env())
+    run_training(tiny(tmp_path, corpus, "train.steps=2", "optimizer.lr=1e-3", "checkpoint.resume=changed", name="ok"),
+                 launch_env())
     manifest = json.loads((tmp_path / "ckpt" / "step_00000002" / MANIFEST).read_text())
     first = json.loads((tmp_path / "ckpt" / "step_00000001" / MANIFEST).read_text())
     assert manifest["lineage"]["run_id"] == first["lineage"]["run_id"]
@@ -299,7 +300,8 @@ def signalled_job(payload: dict) -> str:
 
     ParallelRunner.end_of_step = signalled
     try:
-        run_training(tiny(Path(payload["tmp"]), payload["corpus"], *payload["overrides"], name=payload["name"]), launch_env())
+        run_training(tiny(Path(payload["tmp"]), payload["corpus"], *payload["overrides"], name=payload["name"]),
+                     launch_env())
     except JobStopped as err:
         return f"{err} (exit {err.exit_code})"
     return "finished"

@@ -169,7 +169,8 @@ def test_nonfinite_stop_policy_checkpoints_the_last_good_state(tmp_path, corpus,
     _poison_step(monkeypatch, {3}, micro_batches=2)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(NonFiniteLossError, match="step 3"):
-        train(tiny(tmp_path, corpus, "train.steps=5", "checkpoint.every_steps=10", f"checkpoint.dir={ckpt}"), launch_env())
+        train(tiny(tmp_path, corpus, "train.steps=5", "checkpoint.every_steps=10", f"checkpoint.dir={ckpt}"),
+              launch_env())
     assert (ckpt / "latest").read_text() == "step_00000002"
 
 
