@@ -22,6 +22,7 @@ from pathlib import Path
 from k2train.config.load import load_config
 from k2train.train.metrics import read_metrics
 from parallel.trainer import run_training
+from launch.env import launch_env
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "k2_tiny.yaml"
@@ -38,7 +39,7 @@ def one_process(impl: str, steps: int, root: str, name: str) -> list[float]:
     overrides = [*ONE_PROCESS, *QUIET, f"train.steps={steps}", f"model.expert_impl={impl}",
                  f"logging.run_root={root}", f"logging.run_name={name}"]
     with contextlib.redirect_stdout(io.StringIO()):  # the run's config dump and summary
-        result = run_training(load_config(CONFIG, overrides))
+        result = run_training(load_config(CONFIG, overrides), launch_env())
     return _rates(result.run_dir)
 
 

@@ -4,6 +4,15 @@ so registering the command costs nothing (parallel/profiling/run.py does the wor
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+from launch.arguments import at_least_one
+
+if TYPE_CHECKING:
+    from k2train.config.schema import JobConfig
+    from parallel.profiling.run import ProfileOptions
+
+_at_least_one = at_least_one(lambda text: f"{text!r} is not a whole number of steps of at least 1")
 
 
 def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,22 +36,23 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def _run_profile_command(args: argparse.Namespace) -> int:
     from k2train.config.load import load_config
-    from parallel.profiling.run import ProfileOptions, run_profile
-    from parallel.trainer import exit_code
+    from launch.job import exit_code
+    from parallel.profiling.run import ProfileOptions
 
     cfg = load_config(args.config, args.set)
     options = ProfileOptions(args.warmup, args.steps, args.out, args.peak_tflops, args.torch_trace)
-    return exit_code(lambda: run_profile(cfg, options))
+    return exit_code(lambda: _profile_and_print(cfg, options))
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps of at least 1")
-    return value
+def _profile_and_print(cfg: JobConfig, options: ProfileOptions) -> None:
+    """Profile this rank of the launch; rank 0 prints the summary it wrote to summary.txt."""
+    from launch.env import launch_env
+    from parallel.profiling.report import format_summary
+    from parallel.profiling.run import run_profile
+
+    report = run_profile(cfg, options, launch_env())
+    if report is not None:
+        print(format_summary(report))
 
 
 def _positive_float(text: str) -> float:

@@ -1,18 +1,17 @@
 """The parallel state of one rank: its layout coordinates and process groups, built once, passed
 explicitly (STYLE §3). The layout is validated before any process group exists.
 
-Rank and world come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) or, inside a Slurm
-job step that starts one task per GPU, from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
-The ranks meet at MASTER_ADDR:MASTER_PORT; a rendezvous that does not complete within
-K2TRAIN_RENDEZVOUS_TIMEOUT seconds stops the rank with a sentence naming the address, instead of
-waiting out the collective timeout. The backend follows the device: gloo on CPU, NCCL on CUDA.
+A rank's place in the world arrives as a `LaunchEnv`, read from torchrun's or Slurm's variables by
+the command that started the process (launch/env.py). The ranks meet at MASTER_ADDR:MASTER_PORT; a
+rendezvous that does not complete within K2TRAIN_RENDEZVOUS_TIMEOUT seconds stops the rank with a
+sentence naming the address, instead of waiting out the collective timeout. The backend follows the
+device: gloo on CPU, NCCL on CUDA.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +24,6 @@ RENDEZVOUS_TIMEOUT_VAR = "K2TRAIN_RENDEZVOUS_TIMEOUT"
 # enough that a wrong address fails in minutes rather than after the collective timeout.
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
 COLLECTIVE_TIMEOUT = dt.timedelta(minutes=10)
-
-# (rank, world size, local rank) variables of each launcher, in order of precedence: torchrun run
-# inside a Slurm step sets its own per-process RANK over Slurm's per-task SLURM_PROCID.
-_LAUNCHERS = (
-    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-)
 
 
 class LaunchError(RuntimeError):
@@ -50,54 +42,6 @@ class LaunchEnv:
     rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S
     launcher: str = "one process"       # "torchrun", "Slurm" or "one process", for messages
     agent_store: bool = False           # torchrun's agent already hosts the store at MASTER_PORT
-
-
-def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
-    """This process's launch from torchrun's or Slurm's variables (one process if neither).
-
-    Slurm's variables count only inside a job step (SLURM_STEP_ID set, i.e. under srun): the batch
-    script itself also carries SLURM_PROCID=0 and the job's SLURM_NTASKS, but it is one process.
-    """
-    env = os.environ if environ is None else environ
-    rank, world, local, launcher = 0, 1, 0, "one process"
-    for name, rank_key, world_key, local_key in _LAUNCHERS:
-        if name == "Slurm" and "SLURM_STEP_ID" not in env:
-            continue
-        if rank_key in env and world_key in env:
-            rank, world = _int_var(env, rank_key, name), _int_var(env, world_key, name)
-            local, launcher = _int_var(env, local_key, name, default=0), name
-            break
-    if world < 1 or not 0 <= rank < world:
-        raise LaunchError(f"{launcher} gave rank {rank} of a world of {world} processes; expected 0 <= rank < world.")
-    port = _int_var(env, "MASTER_PORT", launcher, default=0)
-    if not 0 <= port < 2**16:
-        raise LaunchError(f"MASTER_PORT is {port}, expected a TCP port in 1..65535.")
-    return LaunchEnv(
-        rank, world, local, env.get("MASTER_ADDR", ""), port, _timeout_var(env), launcher,
-        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
-    )
-
-
-def _int_var(env: Mapping[str, str], key: str, launcher: str, default: int | None = None) -> int:
-    if key not in env and default is not None:
-        return default
-    try:
-        return int(env[key])
-    except ValueError:
-        raise LaunchError(f"{key} is {env[key]!r} ({launcher}'s variable), expected a whole number.") from None
-
-
-def _timeout_var(env: Mapping[str, str]) -> float:
-    text = env.get(RENDEZVOUS_TIMEOUT_VAR, "")
-    if not text:
-        return DEFAULT_RENDEZVOUS_TIMEOUT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise LaunchError(f"{RENDEZVOUS_TIMEOUT_VAR} is {text!r}, expected a positive number of seconds.")
-    return seconds
 
 
 @dataclass

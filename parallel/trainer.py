@@ -7,8 +7,6 @@ does not fit stops every rank with the same sentence.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,33 +20,15 @@ from parallel.checkpoint.metadata import CheckpointError
 from parallel.checkpoint.resume import StoppedRunError, record_stop
 from parallel.evaluate import Evaluator
 from parallel.preflight import check_paths
-from parallel.signals import JobStopped, StopSignals
+from parallel.signals import StopSignals
 from parallel.layout import layout_for
 from parallel.pipeline.split import describe_split
 from parallel.runner import ParallelRunner
-from parallel.state import LaunchEnv, LaunchError, ParallelState, device_for, init_parallel, launch_env
+from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel
 
 
-def exit_code(job: Callable[[], object]) -> int:
-    """Run a launched job (training, profiling) and give its exit status: 0 when it ends, 1 when a
-    non-finite loss stopped it, 2 for a bad launch (variables, rendezvous), told in one sentence."""
-    try:
-        job()
-    except NonFiniteLossError as err:
-        print(f"k2train: {err}", file=sys.stderr)
-        return 1
-    except JobStopped as err:
-        print(f"k2train: {err}", file=sys.stderr)
-        return err.exit_code
-    except LaunchError as err:
-        print(f"k2train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def run_training(cfg: JobConfig, env: LaunchEnv | None = None) -> RunResult:
-    """Train `cfg` as this process's rank of the launched world."""
-    env = launch_env() if env is None else env
+def run_training(cfg: JobConfig, env: LaunchEnv) -> RunResult:
+    """Train `cfg` as this process's rank of the launched world `env` (launch/env.py reads it)."""
     layout = layout_for(cfg, env.world_size)
     check_paths(cfg, checkpoint_root(cfg))
     device = device_for(cfg.parallel.device, env.local_rank)

@@ -31,8 +31,9 @@ def train_job(payload: dict) -> None:
     """One rank of a training run (the launcher's code path)."""
     from k2train.config.load import load_config
     from parallel.trainer import run_training
+    from launch.env import launch_env
 
-    run_training(load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"]))
+    run_training(load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"]), launch_env())
 
 
 def run(tmp: Path, name: str, layout: list[str], steps: int, ckpt: Path, world: int, *extra: str) -> list[dict]:

@@ -24,6 +24,7 @@ from parallel.checkpoint.lock import CheckpointLock, CheckpointLockError
 from parallel.checkpoint.metadata import METADATA_JSON
 from parallel.preflight import PathError
 from parallel.trainer import run_training
+from launch.env import launch_env
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "k2_tiny.yaml"
@@ -146,17 +147,17 @@ def test_a_second_writer_is_refused_by_name_and_a_gone_one_is_taken_over(tmp_pat
     live = CheckpointLock(root, take_over=False)
     live.acquire()  # this test process: alive on this host
     with pytest.raises(CheckpointLockError, match=rf"in use by run {live.owner.run_id} \(pid {os.getpid()} on host"):
-        run_training(tiny(tmp_path, corpus, "train.steps=1"))
+        run_training(tiny(tmp_path, corpus, "train.steps=1"), launch_env())
     assert not (tmp_path / "runs" / "run").exists()  # refused before step 1
     foreign = root / f"step_00000009.partial-{live.owner.run_id}-0000abcd"
     foreign.mkdir()
-    run_training(tiny(tmp_path, corpus, "train.steps=1", "checkpoint.take_over=true", name="forced"))
+    run_training(tiny(tmp_path, corpus, "train.steps=1", "checkpoint.take_over=true", name="forced"), launch_env())
     assert foreign.is_dir()  # only the owner cleans its own partial directories
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (root / "k2train.lock").write_text(json.dumps(dict(host=live.owner.host, pid=int(gone.stdout), launch="",
                                                        run_id="deadbeef", since="then")))
     (root / "step_00000009.partial-deadbeef-0000abcd").mkdir()
-    run_training(tiny(tmp_path, corpus, "train.steps=2", name="after-dead"))
+    run_training(tiny(tmp_path, corpus, "train.steps=2", name="after-dead"), launch_env())
     assert not (root / "step_00000009.partial-deadbeef-0000abcd").exists()
     assert not (root / "k2train.lock").exists()  # released at the end
 
@@ -165,34 +166,35 @@ def test_unusable_paths_and_malformed_json_are_named_before_step_1(tmp_path, cor
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(PathError, match=rf"checkpoint directory \(checkpoint.dir\) {blocker} .*{blocker} is a file"):
-        run_training(tiny(tmp_path, corpus, f"checkpoint.dir={blocker}"))
+        run_training(tiny(tmp_path, corpus, f"checkpoint.dir={blocker}"), launch_env())
     with pytest.raises(PathError, match=r"run root \(logging.run_root\)"):
-        run_training(tiny(tmp_path, corpus, f"logging.run_root={blocker / 'runs'}"))
+        run_training(tiny(tmp_path, corpus, f"logging.run_root={blocker / 'runs'}"), launch_env())
     monkeypatch.setenv("K2TRAIN_CACHE", str(blocker))
     with pytest.raises(PathError, match=r"data cache \(\$K2TRAIN_CACHE"):
-        run_training(tiny(tmp_path, corpus, "data.prefix="))
+        run_training(tiny(tmp_path, corpus, "data.prefix="), launch_env())
     readonly = tmp_path / "ro"
     readonly.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)], check=True)
     try:
         with pytest.raises(PathError, match=rf"{readonly / 'ckpt'} is not writable \(Read-only file system\)"):
-            run_training(tiny(tmp_path, corpus, f"checkpoint.dir={readonly / 'ckpt'}"))
+            run_training(tiny(tmp_path, corpus, f"checkpoint.dir={readonly / 'ckpt'}"), launch_env())
     finally:
         subprocess.run(["umount", str(readonly)], check=True)
     assert not (tmp_path / "runs" / "run").exists()
-    run_training(tiny(tmp_path, corpus, "train.steps=1"))
+    run_training(tiny(tmp_path, corpus, "train.steps=1"), launch_env())
     (tmp_path / "ckpt" / "step_00000001" / MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match=rf"{tmp_path / 'ckpt' / 'step_00000001' / MANIFEST} is not valid JSON"):
-        run_training(tiny(tmp_path, corpus, "train.steps=2", name="again"))
+        run_training(tiny(tmp_path, corpus, "train.steps=2", name="again"), launch_env())
 
 
 def test_a_changed_config_resumes_only_when_asked_and_steps_must_grow(tmp_path, corpus):
-    run_training(tiny(tmp_path, corpus, "train.steps=1"))
+    run_training(tiny(tmp_path, corpus, "train.steps=1"), launch_env())
     with pytest.raises(CheckpointError, match=r"belongs to run \w+, saved under another config: optimizer.lr: 0.01 -> 0.001"):
-        run_training(tiny(tmp_path, corpus, "train.steps=2", "optimizer.lr=1e-3", name="sweep"))
+        run_training(tiny(tmp_path, corpus, "train.steps=2", "optimizer.lr=1e-3", name="sweep"), launch_env())
     with pytest.raises(CheckpointError, match=r"already at step 1, and train.steps is 1"):
-        run_training(tiny(tmp_path, corpus, "train.steps=1", name="same"))
-    run_training(tiny(tmp_path, corpus, "train.steps=2", "optimizer.lr=1e-3", "checkpoint.resume=changed", name="ok"))
+        run_training(tiny(tmp_path, corpus, "train.steps=1", name="same"), launch_env())
+    run_training(tiny(tmp_path, corpus, "train.steps=2", "optimizer.lr=1e-3", "checkpoint.resume=changed", name="ok"),
+                 launch_env())
     manifest = json.loads((tmp_path / "ckpt" / "step_00000002" / MANIFEST).read_text())
     first = json.loads((tmp_path / "ckpt" / "step_00000001" / MANIFEST).read_text())
     assert manifest["lineage"]["run_id"] == first["lineage"]["run_id"]
@@ -200,10 +202,10 @@ def test_a_changed_config_resumes_only_when_asked_and_steps_must_grow(tmp_path, 
 
 
 def test_a_missing_latest_over_existing_steps_is_an_error(tmp_path, corpus):
-    run_training(tiny(tmp_path, corpus, "train.steps=2"))
+    run_training(tiny(tmp_path, corpus, "train.steps=2"), launch_env())
     (tmp_path / "ckpt" / "latest").unlink()
     with pytest.raises(CheckpointError, match=r"holds step_00000001, step_00000002 but no `latest` pointer"):
-        run_training(tiny(tmp_path, corpus, "train.steps=3", name="again"))
+        run_training(tiny(tmp_path, corpus, "train.steps=3", name="again"), launch_env())
 
 
 def test_convert_writes_only_into_an_empty_or_new_directory(tmp_path, capsys):
@@ -243,17 +245,17 @@ def _poison(monkeypatch, from_step: int, micro_batches: int = 2) -> None:
 def test_a_nan_stop_is_final_under_restarts_and_skips_are_bounded(tmp_path, corpus, monkeypatch):
     _poison(monkeypatch, 3)
     with pytest.raises(NonFiniteLossError) as first:
-        run_training(tiny(tmp_path, corpus, "train.steps=5"))
+        run_training(tiny(tmp_path, corpus, "train.steps=5"), launch_env())
     monkeypatch.undo()  # the relaunch is healthy, but the stop stands, with the same sentence
     with pytest.raises(NonFiniteLossError) as again:
-        run_training(tiny(tmp_path, corpus, "train.steps=5", name="relaunch"))
+        run_training(tiny(tmp_path, corpus, "train.steps=5", name="relaunch"), launch_env())
     assert str(again.value).startswith(str(first.value)) and "k2train-stopped.json" in str(again.value)
     assert not (tmp_path / "runs" / "relaunch").exists()
     _poison(monkeypatch, 2)
     with pytest.raises(NonFiniteLossError, match=r"Stopped at step 4: .* 3 steps in a row, more than "
                                                  r"train.max_skipped_steps=2; 2 steps were skipped in all"):
         run_training(tiny(tmp_path, corpus, "train.steps=6", "train.on_nonfinite=skip", "train.max_skipped_steps=2",
-                          f"checkpoint.dir={tmp_path / 'skip'}", name="skip"))
+                          f"checkpoint.dir={tmp_path / 'skip'}", name="skip"), launch_env())
 
 
 def test_disk_full_is_named_and_its_partial_directory_removed(tmp_path, corpus):
@@ -262,20 +264,20 @@ def test_disk_full_is_named_and_its_partial_directory_removed(tmp_path, corpus):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     try:
         with pytest.raises(CheckpointError, match=r"no space left on the device holding .*partial directory was removed"):
-            run_training(tiny(tmp_path, corpus, "train.steps=1", f"checkpoint.dir={small / 'ckpt'}"))
+            run_training(tiny(tmp_path, corpus, "train.steps=1", f"checkpoint.dir={small / 'ckpt'}"), launch_env())
         assert not list((small / "ckpt").glob("step_*"))
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
 
 def test_an_unreadable_newest_checkpoint_names_the_intact_one_and_falls_back_only_when_asked(tmp_path, corpus):
-    run_training(tiny(tmp_path, corpus, "train.steps=2"))
+    run_training(tiny(tmp_path, corpus, "train.steps=2"), launch_env())
     shard = next((tmp_path / "ckpt" / "step_00000002").glob("*.distcp"))
     shard.write_bytes(b"damaged")
     with pytest.raises(CheckpointError, match=r"does not match its sha256 .* newest intact checkpoint is "
                                               r".*step_00000001; resume from it with --set checkpoint.fallback=true"):
-        run_training(tiny(tmp_path, corpus, "train.steps=3", name="stop"))
-    run_training(tiny(tmp_path, corpus, "train.steps=3", "checkpoint.fallback=true", name="fallback"))
+        run_training(tiny(tmp_path, corpus, "train.steps=3", name="stop"), launch_env())
+    run_training(tiny(tmp_path, corpus, "train.steps=3", "checkpoint.fallback=true", name="fallback"), launch_env())
     lines = (tmp_path / "runs" / "fallback" / "metrics.jsonl").read_text().splitlines()[1:]
     assert [json.loads(line)["step"] for line in lines] == [2, 3]
 
@@ -298,7 +300,8 @@ def signalled_job(payload: dict) -> str:
 
     ParallelRunner.end_of_step = signalled
     try:
-        run_training(tiny(Path(payload["tmp"]), payload["corpus"], *payload["overrides"], name=payload["name"]))
+        run_training(tiny(Path(payload["tmp"]), payload["corpus"], *payload["overrides"], name=payload["name"]),
+                     launch_env())
     except JobStopped as err:
         return f"{err} (exit {err.exit_code})"
     return "finished"

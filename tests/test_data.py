@@ -19,12 +19,12 @@ from k2train.data import (
     IndexedDataset,
     IndexedDatasetWriter,
     SequenceSampler,
-    add_data_parser,
     default_corpus_prefix,
     load_tokenizer,
     prepare_dataset,
 )
 from k2train.data.prepare import token_dtype
+from launch.data_cli import add_data_parser
 
 DTYPES = [np.uint16, np.int32]
 

@@ -27,7 +27,8 @@ def eval_steps(payload: dict) -> dict:
     from k2train.train.loop import open_samplers
     from parallel.evaluate import Evaluator
     from parallel.runner import ParallelRunner
-    from parallel.state import device_for, init_parallel, launch_env
+    from launch.env import launch_env
+    from parallel.state import device_for, init_parallel
     from parallel.layout import layout_for
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
@@ -102,11 +103,12 @@ def test_a_run_logs_plots_and_summarises_the_validation_loss(tmp_path, data, cap
     from k2train.config.load import load_config
     from k2train.train.metrics import read_metrics, wandb_scalars
     from parallel.trainer import run_training
+    from launch.env import launch_env
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", [
         *BASE, *layout_overrides(1, 1, 1, 1), f"data.prefix={data}", "data.valid_fraction=0.2", "train.steps=3",
         "train.eval_every=2", "logging.plots=true", f"logging.run_root={tmp_path}", "logging.run_name=run"])
-    result = run_training(cfg)
+    result = run_training(cfg, launch_env())
     _, steps = read_metrics(result.run_dir)
     assert [s["step"] for s in steps if "val_loss" in s] == [2, 3]
     assert all(torch.isfinite(torch.tensor(s["val_loss"])) for s in steps if "val_loss" in s)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from parallel.state import DEFAULT_RENDEZVOUS_TIMEOUT_S, LaunchEnv, LaunchError, launch_env, rendezvous_store
+from launch.env import launch_env
+from parallel.state import DEFAULT_RENDEZVOUS_TIMEOUT_S, LaunchEnv, LaunchError, rendezvous_store
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = REPO / "launch" / "slurm"
@@ -33,6 +34,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- the command line: built and helped without torch ---------------------------------------------
+
+COMMANDS = [["train"], ["data", "prepare"], ["layout"], ["optimizer-plan"], ["plan"], ["convert"], ["profile"]]
+
+
+def test_building_the_command_line_does_not_import_torch() -> None:
+    code = ("import sys; from launch.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_command_helps_without_torch() -> None:
+    code = ("import sys\nfrom launch.cli import main\n"
+            f"for argv in {[[], *COMMANDS]!r}:\n"
+            "    try:\n        main([*argv, '--help'])\n"
+            "    except SystemExit as stop:\n        assert stop.code == 0, (argv, stop.code)\n"
+            "    else:\n        raise AssertionError(f'{argv} --help did not exit')\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for command in COMMANDS:
+        assert f"usage: k2train {' '.join(command)} [-h]" in proc.stdout
+
+
+def test_k2train_help_exits_zero() -> None:
+    proc = subprocess.run([sys.executable, "-m", "k2train", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: k2train [-h]")
+    assert all(command[0] in proc.stdout for command in COMMANDS)
 
 
 # ---- launch_env: which variables make the world -------------------------------------------------

@@ -14,7 +14,8 @@ import pytest
 from k2train.config import ConfigError, load_config, micro_batches_per_step, resolve_dp
 from k2train.config.schema import ParallelConfig
 from parallel.layout import GROUP_AXES, GROUP_KINDS, Axis, Layout, LayoutError, RankCoords, make_layout
-from parallel.plan.layout_report import add_layout_parser, describe_layout, ranks_text, representative_ranks
+from launch.layout_cli import add_layout_parser
+from parallel.plan.layout_report import describe_layout, ranks_text, representative_ranks
 
 K2_1T = Path(__file__).resolve().parents[1] / "configs" / "k2_1t.yaml"
 ORDERS = list(itertools.permutations(Axis))

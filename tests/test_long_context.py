@@ -27,10 +27,11 @@ LONG = [
 
 def _run(tmp_path: Path, data: str, name: str, steps: int, *extra: str) -> list[dict]:
     from parallel.trainer import run_training
+    from launch.env import launch_env
 
     run_training(load_config(TINY, [*BASE, f"data.prefix={data}", f"train.steps={steps}",
                                     f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.run_root={tmp_path / 'runs'}",
-                                    f"logging.run_name={name}", *extra]))
+                                    f"logging.run_name={name}", *extra]), launch_env())
     lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()[1:]
     return [json.loads(line) for line in lines]
 

@@ -149,13 +149,14 @@ def test_bad_mixtures_are_refused_naming_the_dataset(sets, tmp_path):
 
 def _train(tmp_path: Path, name: str, steps: int, ckpt: Path, mix: str) -> list[dict]:
     from parallel.trainer import run_training
+    from launch.env import launch_env
 
     run_training(load_config(TINY, [
         "model.num_layers=2", "data.seq_len=16", "train.micro_batch_size=2", "train.global_batch_tokens=128",
         "optimizer.warmup_steps=1", "parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1",
         "logging.wandb=false", "logging.plots=false", "logging.progress_bar=false", "checkpoint.every_steps=1",
         mix, "data.valid_fraction=0.1", "train.eval_every=2", f"train.steps={steps}", f"checkpoint.dir={ckpt}",
-        f"logging.run_root={tmp_path / 'runs'}", f"logging.run_name={name}"]))
+        f"logging.run_root={tmp_path / 'runs'}", f"logging.run_name={name}"]), launch_env())
     lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()[1:]
     return [json.loads(line) for line in lines]
 

@@ -87,7 +87,8 @@ def _run_steps(payload: dict) -> dict:
     from k2train.config.load import load_config
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
-    from parallel.state import device_for, init_parallel, launch_env
+    from launch.env import launch_env
+    from parallel.state import device_for, init_parallel
     from parallel.layout import layout_for
 
     env = launch_env()

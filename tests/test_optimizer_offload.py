@@ -230,6 +230,7 @@ def corpus(tmp_path_factory) -> str:
 def train_run(tmp: Path, corpus: str, name: str, steps: int, offload: bool, ckpt: Path) -> list[float]:
     from k2train.config.load import load_config
     from parallel.trainer import run_training
+    from launch.env import launch_env
 
     cfg = load_config(TINY, [
         *OVERRIDES, "parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1",
@@ -239,7 +240,7 @@ def train_run(tmp: Path, corpus: str, name: str, steps: int, offload: bool, ckpt
         f"checkpoint.dir={ckpt}", "checkpoint.every_steps=2", f"memory.optimizer_offload={str(offload).lower()}",
         "memory.optimizer_chunk_mb=0.03125",
     ])
-    run_training(cfg)
+    run_training(cfg, launch_env())
     lines = (tmp / name / "metrics.jsonl").read_text().splitlines()[1:]
     return [json.loads(line)["loss"] for line in lines]
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import parallel.plan.optimizer as optimizer_plan
+from launch.optimizer_plan_cli import add_optimizer_plan_parser
 from k2train.config.checks import ConfigError
 from k2train.config.schema import ModelConfig
 from k2train.model import K2Model, ModelPart
@@ -262,7 +263,7 @@ def test_optimizer_bytes_of_the_tiny_model_fall_as_one_over_group_size():
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2train")
-    optimizer_plan.add_optimizer_plan_parser(parser.add_subparsers(dest="command", required=True))
+    add_optimizer_plan_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -328,5 +329,5 @@ def test_plan_command_errors_name_the_world(capsys):
 
 def test_registering_the_command_does_not_import_torch():
     # The command line registers every subcommand on start; `k2train --help` must stay quick.
-    code = "import sys, parallel.plan.optimizer; sys.exit('torch' in sys.modules)"
+    code = "import sys, launch.optimizer_plan_cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0

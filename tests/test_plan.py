@@ -98,7 +98,8 @@ def measure_rank(payload: dict) -> dict:
     """One rank: build the runner, run one step's forward and backward, measure what it holds."""
     from k2train.train.loop import open_sampler
     from parallel.runner import ParallelRunner
-    from parallel.state import device_for, init_parallel, launch_env
+    from launch.env import launch_env
+    from parallel.state import device_for, init_parallel
     from parallel.layout import layout_for
     from parallel.zero1.optimizer import ShardGroup
 

@@ -113,9 +113,10 @@ def profile_rank(payload: dict):
     """On one rank: profile the tiny config; rank 0 returns the report."""
     from k2train.config.load import load_config
     from parallel.profiling.run import ProfileOptions, run_profile
+    from launch.env import launch_env
 
     cfg = load_config(TINY, payload["overrides"])
-    return run_profile(cfg, ProfileOptions(**payload["options"]))
+    return run_profile(cfg, ProfileOptions(**payload["options"]), launch_env())
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +244,12 @@ def test_k2_1t_on_one_process_stops_naming_the_memory_it_needs():
     from k2train.config.checks import ConfigError
     from k2train.config.load import load_config
     from parallel.profiling.run import ProfileOptions, run_profile
+    from launch.env import launch_env
 
     cfg = load_config(ROOT / "configs" / "k2_1t.yaml", [*ONE_PROCESS[:4], "parallel.device=cpu",
                                                          "memory.activation_offload=false", "memory.optimizer_offload=false"])
     with pytest.raises(ConfigError, match=r"k2_1t needs at least 5,73\d\.\d GiB on rank 0 .* 1,026,408,209,408 parameters"):
-        run_profile(cfg, ProfileOptions())
+        run_profile(cfg, ProfileOptions(), launch_env())
 
 
 def test_profile_refuses_a_step_count_below_one(capsys):

@@ -17,6 +17,7 @@ from k2train.model import K2Model
 from k2train.train.loop import NonFiniteLossError
 from k2train.train.metrics import read_metrics
 from parallel.trainer import run_training as train
+from launch.env import launch_env
 from parallel.zero1.optimizer import ShardedMuonClip
 
 ROOT = Path(__file__).parents[1]
@@ -47,7 +48,7 @@ def test_tiny_run_learns_and_writes_its_run_directory(tmp_path, corpus, capsys):
         tmp_path, corpus, "train.steps=16", "optimizer.warmup_steps=2", "optimizer.stable_steps=14",
         "optimizer.decay_steps=1",
     )
-    result = train(cfg)
+    result = train(cfg, launch_env())
     printed = capsys.readouterr().out
     assert f"run directory {result.run_dir}" in printed and "step 16/16  loss" in printed
     header, steps = read_metrics(result.run_dir / "metrics.jsonl")
@@ -83,7 +84,7 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path, corpus, mo
     monkeypatch.setattr(ShardedMuonClip, "step", capture_step)
     for micro in (4, 8):
         train(tiny(tmp_path / str(micro), corpus, "train.steps=1", f"train.micro_batch_size={micro}",
-                   "logging.plots=false"))
+                   "logging.plots=false"), launch_env())
     accumulated, single = seen
     assert accumulated.keys() == single.keys()
     for name in accumulated:
@@ -106,7 +107,7 @@ def test_nonfinite_loss_stops_with_step_and_last_good_metrics(tmp_path, corpus, 
     monkeypatch.setattr(K2Model, "forward", poisoned)
     cfg = tiny(tmp_path, corpus, "train.steps=5")
     with pytest.raises(NonFiniteLossError, match=r"step 3") as err:
-        train(cfg)
+        train(cfg, launch_env())
     assert "step 2" in str(err.value)
     _, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [s["step"] for s in steps] == [1, 2]
@@ -115,7 +116,7 @@ def test_nonfinite_loss_stops_with_step_and_last_good_metrics(tmp_path, corpus, 
 
 def test_unfit_layouts_refuse_to_start(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"needs 2 or more processes, but this is one; launch it with `torchrun"):
-        train(tiny(tmp_path, corpus, "parallel.pp=2", "parallel.dp=null"))
+        train(tiny(tmp_path, corpus, "parallel.pp=2", "parallel.dp=null"), launch_env())
     assert not (tmp_path / "run").exists()
 
 
@@ -156,7 +157,7 @@ def _poison_step(monkeypatch, bad_steps: set[int], micro_batches: int) -> None:
 
 def test_nonfinite_skip_policy_drops_the_update_and_goes_on(tmp_path, corpus, monkeypatch, capsys):
     _poison_step(monkeypatch, {2}, micro_batches=2)
-    train(tiny(tmp_path, corpus, "train.steps=4", "train.on_nonfinite=skip"))
+    train(tiny(tmp_path, corpus, "train.steps=4", "train.on_nonfinite=skip"), launch_env())
     _, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [s["skipped"] for s in steps] == [False, True, False, False]
     assert steps[1]["loss"] != steps[1]["loss"]  # NaN, kept in the log
@@ -168,7 +169,8 @@ def test_nonfinite_stop_policy_checkpoints_the_last_good_state(tmp_path, corpus,
     _poison_step(monkeypatch, {3}, micro_batches=2)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(NonFiniteLossError, match="step 3"):
-        train(tiny(tmp_path, corpus, "train.steps=5", "checkpoint.every_steps=10", f"checkpoint.dir={ckpt}"))
+        train(tiny(tmp_path, corpus, "train.steps=5", "checkpoint.every_steps=10", f"checkpoint.dir={ckpt}"),
+              launch_env())
     assert (ckpt / "latest").read_text() == "step_00000002"
 
 

@@ -44,7 +44,8 @@ def max_logits(num_layers: int, num_heads: int, step: int) -> torch.Tensor:
 def sharded_steps(payload: dict) -> dict:
     from k2train.config.load import load_config
     from parallel.runner import ParallelRunner, _model_name
-    from parallel.state import device_for, init_parallel, launch_env
+    from launch.env import launch_env
+    from parallel.state import device_for, init_parallel
     from parallel.layout import layout_for
 
     import parallel.zero1.optimizer

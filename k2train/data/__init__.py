@@ -18,7 +18,6 @@ _EXPORTS = {
     "IndexedDatasetWriter": "indexed",
     "PrepareSummary": "prepare",
     "SequenceSampler": "sampler",
-    "add_data_parser": "prepare",
     "default_corpus_prefix": "default_corpus",
     "load_tokenizer": "tokenizer",
     "prepare_dataset": "prepare",

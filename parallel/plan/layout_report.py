@@ -1,4 +1,4 @@
-"""A readable report of a `Layout`, and the `k2train layout` command that prints one for a config.
+"""A readable report of a `Layout`, which the `k2train layout` command prints (launch/layout_cli.py).
 
 The report answers the questions asked before a large job is launched: how many nodes and model
 copies, where a given rank sits and whom it talks to, and above all whether the EP all-to-all stays
@@ -8,16 +8,10 @@ inside nodes (NVLink) or crosses them (RoCE), and how many pipeline p2p sends cr
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter
 from collections.abc import Sequence
 
-from k2train.config.checks import micro_batches_per_step, validate_world
-from k2train.config.load import load_config
-from k2train.config.schema import JobConfig
-from parallel.layout import GROUP_AXES, GROUP_KINDS, Axis, Layout, LayoutError, RankCoords, make_layout
-from parallel.pipeline.split import SplitError, choose_split, describe_split
+from parallel.layout import GROUP_AXES, GROUP_KINDS, Axis, Layout, RankCoords
 
 # Groups listed one by one up to this many; past it the report gives counts and the first few.
 _LIST_ALL = 8
@@ -174,85 +168,3 @@ def _run_text(run: tuple[int, int]) -> str:
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-# ---- the `layout` command ---------------------------------------------------------------------
-
-
-def add_layout_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `layout --config FILE [--set K=V] (--nodes N | --world-size N) [--ranks R,R]`."""
-    layout = subparsers.add_parser(
-        "layout", help="print the PP x EP x DP layout of a config on a given number of nodes or ranks")
-    add_world_arguments(layout)
-    layout.add_argument("--params", action="store_true",
-                        help="also build the chosen ranks' model parts on the meta device and count their parameters")
-    layout.set_defaults(func=run_layout)
-    return layout
-
-
-def add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE [--set K=V]... (--nodes N | --world-size N) [--ranks R,R]`, shared by the
-    commands that describe a config on a world it is not running on."""
-    parser.add_argument("--config", required=True, metavar="FILE", help="a YAML job config, e.g. configs/k2_1t.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set parallel.rank_order=pp,ep,dp (repeatable)")
-    size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--nodes", type=_positive_int, metavar="N", help="nodes of parallel.gpus_per_node GPUs each")
-    size.add_argument("--world-size", type=_positive_int, metavar="N", help="ranks in all")
-    parser.add_argument("--ranks", type=_rank_list, metavar="R,R,...",
-                        help="ranks to describe, e.g. 0,17,255 (default: 0 and a few representative ones)")
-
-
-def config_and_world(args: argparse.Namespace) -> tuple[JobConfig, int, str]:
-    """The config of `add_world_arguments`, the world size asked for, and a source for messages."""
-    cfg = load_config(args.config, args.set)
-    world = args.world_size if args.world_size is not None else args.nodes * cfg.parallel.gpus_per_node
-    sets = "".join(f" --set {s}" for s in args.set)
-    size = f"--world-size {world}" if args.world_size is not None else f"--nodes {args.nodes} ({world} ranks)"
-    return cfg, world, f"{args.config}{sets} with {size}"
-
-
-def run_layout(args: argparse.Namespace) -> int:
-    """Load the config, build its layout on the requested world and print the report."""
-    cfg, world, source = config_and_world(args)
-    dp = validate_world(cfg, world, source)
-    try:
-        layout = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers,
-                             num_experts=cfg.model.num_experts,
-                             micro_batches=micro_batches_per_step(cfg, dp))
-        report = describe_layout(layout, args.ranks)
-        split = describe_split(choose_split(cfg, layout.num_stages, layout.pp), layout.pp)
-    except (LayoutError, SplitError) as err:
-        # Same form as the main CLI's errors for people: one sentence, no traceback.
-        print(f"k2train: error: {source}: {err}", file=sys.stderr)
-        return 2
-    print(report)
-    print(f"Layers of the {layout.num_stages} virtual stages (parallel/pipeline/split.py):")
-    print(split)
-    if args.params:
-        from parallel.plan.params import describe_params  # imports torch and the model: only when asked
-
-        print()
-        print(describe_params(cfg, layout, args.ranks or representative_ranks(layout)))
-    return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
-def _rank_list(text: str) -> list[int]:
-    try:
-        ranks = [int(part) for part in text.split(",")]
-    except ValueError:
-        ranks = [-1]
-    if any(r < 0 for r in ranks):
-        raise argparse.ArgumentTypeError(
-            f"expected ranks as comma-separated whole numbers, e.g. 0,17,255, got {text!r}")
-    return ranks

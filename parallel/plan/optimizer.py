@@ -8,21 +8,18 @@ shows, per rank, the optimizer-state bytes it owns against what it would keep wi
 (everything it holds), its Newton–Schulz FLOPs per step and its matrix count, and per group kind
 how evenly the greedy assignment spreads FLOPs and bytes.
 
-torch, the model and the ownership rules are imported inside the functions that use them, so the
-command line can register `optimizer-plan` without importing torch (as `layout --params` does).
+torch, the model and the ownership rules are imported inside the functions that use them, so this
+module imports without torch; `k2train optimizer-plan` (launch/optimizer_plan_cli.py) prints the report.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from k2train.config.schema import JobConfig
-from parallel.layout import Layout, LayoutError, RankCoords
-from parallel.plan.layout_report import add_world_arguments, config_and_world, representative_ranks
+from parallel.layout import Layout, RankCoords
 
 if TYPE_CHECKING:
     from parallel.zero1.ownership import OptItem, OwnerLoad
@@ -202,35 +199,3 @@ def _world_lines(plan: OptimizerPlan) -> list[str]:
         f"ep*dp rank, expert state on every dp rank)",
     ]
     return lines
-
-
-# ---- the `optimizer-plan` command -------------------------------------------------------------
-
-
-def add_optimizer_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `optimizer-plan --config FILE [--set K=V] (--nodes N | --world-size N) [--ranks R,R]`."""
-    plan = subparsers.add_parser(
-        "optimizer-plan",
-        help="print the ZeRO-1 MuonClip ownership of a config's optimizer state on a given number of nodes")
-    add_world_arguments(plan)
-    plan.set_defaults(func=run_optimizer_plan)
-    return plan
-
-
-def run_optimizer_plan(args: argparse.Namespace) -> int:
-    """Load the config, lay it out on the requested world, assign owners and print the plan."""
-    from parallel.layout import layout_for  # validates the layout; imports torch.distributed
-
-    cfg, world, source = config_and_world(args)
-    try:
-        layout = layout_for(cfg, world, source)
-        ranks = representative_ranks(layout) if args.ranks is None else args.ranks
-        for rank in ranks:
-            layout.coords(rank)  # a rank outside the world stops here, before the parts are built
-        report = describe_plan(build_plan(cfg, layout), ranks)
-    except LayoutError as err:
-        # Same form as the main CLI's errors for people: one sentence, no traceback.
-        print(f"k2train: error: {source}: {err}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0

@@ -1,4 +1,4 @@
-"""The `k2train plan` command: a `Plan` printed one screen per group of alike pipeline ranks.
+"""The text of a `Plan` (`k2train plan`, launch/plan_cli.py): one screen per group of alike pipeline ranks.
 
 Pipeline ranks whose stages hold the same kinds and numbers of layers form a group; the group
 shows its rank with the largest device peak (the earliest ranks keep the most micro-batches in
@@ -7,15 +7,12 @@ flight). Memory is in GiB; the comparison with the K2 report is in its decimal u
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import sys
 import textwrap
 
 from parallel.pipeline.overlap import overlap_runs
-from parallel.plan.planner import Plan, RankPlan, activation_settings, make_plan, paper_figures
-from parallel.plan.activations import ATTENTION_KINDS, layer_tensors, per_token
-from parallel.plan.cost import GiB, HARDWARE, Hardware, assumptions
+from parallel.plan.planner import Plan, RankPlan, activation_settings, paper_figures
+from parallel.plan.activations import layer_tensors, per_token
+from parallel.plan.cost import GiB, assumptions
 
 
 _UNIT = {"GiB": GiB, "MiB": 1 << 20, "KiB": 1 << 10}
@@ -303,59 +300,6 @@ def _verdict(need: int, room: int) -> str:
 def _ideal_states(r: RankPlan) -> int:
     (_, dense), (_, expert) = r.dense.ideal_bytes(), r.expert.ideal_bytes()
     return dense + expert
-
-
-# ---- the `plan` command -----------------------------------------------------------------------
-
-
-def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `plan --config FILE [--set K=V] (--nodes N | --world-size N) [--hardware NAME] [...]`."""
-    from parallel.plan.layout_report import add_world_arguments
-
-    plan = subparsers.add_parser(
-        "plan", help="memory per GPU, communication and step time of a config on a number of nodes")
-    add_world_arguments(plan)
-    plan.add_argument("--hardware", choices=sorted(HARDWARE), default="h800", help="node preset (default h800)")
-    plan.add_argument("--attention", choices=ATTENTION_KINDS,
-                      help="eager or fused (default: fused on cuda, eager on cpu, as the model runs)")
-    for field, help_text in (("gpu_memory_gib", "GiB per GPU"), ("peak_tflops", "BF16 TFLOP/s per GPU"),
-                             ("nvlink_gbs", "GB/s per GPU inside a node"), ("network_gbs", "GB/s per GPU across nodes"),
-                             ("pcie_gbs", "GB/s host<->device per GPU"), ("host_memory_gib", "GiB of host memory per node"),
-                             ("reserved_gib", "GiB per GPU kept for CUDA/NCCL"),
-                             ("efficiency", "fraction of peak reached by compute")):
-        plan.add_argument(f"--{field.replace('_', '-')}", type=float, metavar="X", help=f"override the preset: {help_text}")
-    plan.set_defaults(func=run_plan)
-    return plan
-
-
-def hardware_from(args: argparse.Namespace) -> Hardware:
-    hw = HARDWARE[args.hardware]
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)
-               if getattr(args, f.name, None) is not None}
-    for name, value in changes.items():
-        if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}.")
-    return dataclasses.replace(hw, **changes)
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    from k2train.config.checks import micro_batches_per_step, validate_world
-    from parallel.layout import LayoutError, make_layout
-    from parallel.plan.layout_report import config_and_world
-
-    cfg, world, source = config_and_world(args)
-    dp = validate_world(cfg, world, source)
-    try:
-        hw = hardware_from(args)
-        layout = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers,
-                             num_experts=cfg.model.num_experts, micro_batches=micro_batches_per_step(cfg, dp))
-        wanted = None if args.ranks is None else sorted({layout.coords(rank).pp for rank in args.ranks})
-        report = describe_plan(make_plan(cfg, layout, hw, args.attention), wanted)
-    except (LayoutError, ValueError) as err:
-        print(f"k2train: error: {source}: {err}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
 
 
 def _ep_overlap_text(plan: Plan) -> str:

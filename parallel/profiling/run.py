@@ -10,7 +10,7 @@ through a runner that times each step's phases (parallel/profiling/instrument.py
    optimizer phase (parallel/profiling/timing.py), the tokens read, and on CUDA the peak memory;
 3. with a torch trace (the default), one more step under `torch.profiler`, kept out of the numbers
    because the profiler slows it down.
-Rank 0 gathers every rank's results and writes `report.json`, `summary.txt` (also printed),
+Rank 0 gathers every rank's results and writes `report.json`, `summary.txt` (which the command prints),
 `timeline.png` and the spans it draws, `timeline.json` (parallel/profiling/report.py); each rank
 writes its trace to `trace/rank<r>.json`.
 No checkpoint is loaded or saved and no metrics run directory is made.
@@ -30,10 +30,10 @@ from k2train.config.schema import JobConfig
 from k2train.train.loop import run_steps, open_sampler
 from parallel.profiling.instrument import instrumented
 from parallel.profiling.memory import SavedCounter, check_fits, held_bytes
-from parallel.profiling.report import build_report, format_summary, write_report
+from parallel.profiling.report import build_report, write_report
 from parallel.profiling.timing import COMPUTE_KINDS, Clock, Recorder, StepTiming, peak_saved_bytes
 from parallel.runner import ParallelRunner
-from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel, launch_env
+from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel
 from parallel.layout import layout_for
 from parallel.trainer import shared_data_prefix
 
@@ -47,12 +47,12 @@ class ProfileOptions:
     torch_trace: bool = True
 
 
-def run_profile(cfg: JobConfig, options: ProfileOptions, env: LaunchEnv | None = None) -> dict | None:
-    """Profile `cfg` as this process's rank; rank 0 returns the report, the others None."""
+def run_profile(cfg: JobConfig, options: ProfileOptions, env: LaunchEnv) -> dict | None:
+    """Profile `cfg` as this process's rank of the launched world `env` (launch/env.py reads it);
+    rank 0 returns the report, the others None."""
     if options.warmup < 1 or options.steps < 1:
         raise ConfigError(f"profile needs at least 1 warm-up and 1 measured step, got --warmup "
                           f"{options.warmup} and --steps {options.steps}.")
-    env = launch_env() if env is None else env
     layout = layout_for(cfg, env.world_size)
     try:
         device = device_for(cfg.parallel.device, env.local_rank)
@@ -85,7 +85,6 @@ def _profile_rank(cfg: JobConfig, state: ParallelState, options: ProfileOptions)
         return None
     report = build_report(cfg, state.layout, options, everyone, out_dir)
     write_report(report, everyone, out_dir)
-    print(format_summary(report))
     return report
 
 
