@@ -1,5 +1,5 @@
 """The parallel state of one rank: its layout coordinates and process groups, built once, passed
-explicitly (STYLE §3). The layout is validated before any process group exists.
+explicitly. The layout is validated before any process group exists.
 
 A rank's place in the world arrives as a `LaunchEnv`, read from torchrun's or Slurm's variables by
 the command that started the process (launch/env.py). The ranks meet at MASTER_ADDR:MASTER_PORT; a

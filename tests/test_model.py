@@ -151,7 +151,7 @@ def test_grouped_mm_alignment_is_checked():
 
 
 def test_model_code_never_imports_torch_distributed():
-    """STYLE §1: the model is applied to a layout from parallel/, it never reaches for one itself."""
+    """The model is applied to a layout from parallel/, it never reaches for one itself."""
     model_dir = pathlib.Path(__file__).parents[1] / "k2train" / "model"
     for path in model_dir.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
