@@ -8,9 +8,10 @@ and keeps them all from step to step. With K2's 1024 micro-batches per pipeline 
 virtual stage, about 224 GiB per GPU, where only the micro-batches in flight need one.
 
 `LeanReceiveStage` (parallel/pipeline/torch_compat.py, beside torch's other private hooks) keeps
-torch's receive descriptors (`_RecvInfo`) with a meta-device placeholder in place of the buffer. A buffer is allocated when the schedule posts its receive
-(`get_fwd_recv_ops`, `get_bwd_recv_ops`), and the stage drops its reference as soon as the compute
-that reads it has run: the forward for an input, the backward (or its input half) for a gradient.
+torch's receive descriptors (`_RecvInfo`) with a meta-device placeholder in place of the buffer. A
+buffer is allocated when the schedule posts its receive (`get_fwd_recv_ops`, `get_bwd_recv_ops`),
+and the stage drops its reference as soon as the compute that reads it has run: the forward for an
+input, the backward (or its input half) for a gradient.
 Nothing is freed explicitly: the tensor lives on exactly as long as torch's own caches hold it.
 The received input is the forward's saved input (`fwd_cache`) until the micro-batch's backward;
 the zero-bubble schedule keeps input and gradient in `backward_state` until the weight pass, which

@@ -14,7 +14,7 @@ and changes it at four seams torch does not make public:
 - the lowering: torch's `_add_reduce_grad` and `_add_send_recv` with a linear-time equal of its
   `_add_unshard_reshard` (`lower`), so that `k2train plan` counts the buffers the runtime allocates.
 The rest of k2train uses only the public names of this module: `Action` and `ComputationType` are
-torch's action tuple and its kinds.
+torch's action tuple and its kinds, `schedule_stages` the stages a schedule runs.
 
 Version gate. The module was written against torch 2.13 and the suite also passes on torch 2.12,
 the release of the 2.12.0a0 that the GPU image (nvcr.io/nvidia/pytorch:26.05-py3) brings; CI runs
@@ -80,6 +80,7 @@ _SIGNATURES: dict[tuple[object, str], tuple[str, ...]] = {
     (PipelineStage, "get_bwd_recv_ops"): ("bwd_chunk_id",),
     (PipelineStage, "forward_one_chunk"): ("fwd_chunk_id", "args", "kwargs", "save_forward_output"),
     (PipelineStage, "backward_one_chunk"): ("bwd_chunk_id", "loss", "full_backward", "last_backward"),
+    (PipelineStage, "backward_weight_one_chunk"): ("bwd_chunk_id",),
     (_RecvInfo, "__init__"): ("input_name", "source", "buffer", "tensor_meta", "is_root_arg"),
     (ScheduleInterleaved1F1B, "_calculate_single_rank_operations"): ("rank",),
     (ScheduleInterleaved1F1B, "register_custom_function"): ("computation_type", "custom_function"),
@@ -217,6 +218,12 @@ class PairedInterleavedZeroBubble(PairedInterleaved1F1B):
 
 # ---- the pairs: the runtime's function for an OVERLAP_F_B action ------------------------------
 
+def schedule_stages(schedule) -> list[PipelineStage]:
+    """The stages a torch schedule runs: this rank's virtual stages, in stage order (torch keeps
+    them in the schedule's private `_stages`)."""
+    return list(schedule._stages)
+
+
 def overlap_forward_backward(turns):
     """The runtime's function for an OVERLAP_F_B action: the forward in this thread, the backward
     taking turns with it (`turns`: parallel/pipeline/overlap.py `Turns`). It does what the runtime
@@ -226,7 +233,7 @@ def overlap_forward_backward(turns):
     def run(action: _Action, ctx: _PipelineContext) -> None:
         schedule = ctx.schedule_ref
         forward, backward = action.sub_actions
-        stages = {stage.stage_index: stage for stage in schedule._stages}
+        stages = {stage.stage_index: stage for stage in schedule_stages(schedule)}
         f_stage, b_stage = stages[forward.stage_index], stages[backward.stage_index]
         f_mb, b_mb = forward.microbatch_index, backward.microbatch_index
         # Both inputs were received before the pair (the looped placement has no two adjacent
