@@ -2,8 +2,9 @@
 
 - Every private name, field and signature the module reaches is where it expects it, and its
   linear-time UNSHARD/RESHARD pass lowers like torch's; a moved one is reported by name.
-- The version gate passes the torch versions the module was written for, warns on another whose
-  internals are in place, and refuses one whose internals moved with one sentence.
+- The version gate passes the torch releases the module was written for, checks a pre-release of
+  them, warns on another torch whose internals are in place, and refuses one whose internals moved
+  with one sentence.
 - On a PP2 x VP2 gloo world of toy stages, each schedule class (the table's interleaved 1F1B and
   both paired schedules with their OVERLAP_F_B function) runs the table's order with the lean
   receive stage: two steps give the losses and gradients of one process, every receive buffer is
@@ -11,6 +12,8 @@
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -45,14 +48,20 @@ def test_a_moved_private_name_is_reported_and_refused(monkeypatch):
     assert sentence.startswith("torch 2.99.0 is installed") and "torch 2.13 and 2.12" in sentence
     assert "get_fwd_recv_ops" in sentence and "(and 1 more)" in sentence and "install torch==2.13.0" in sentence
     assert sentence.count(". ") == 0 and sentence.endswith(".") and "\n" not in sentence
-    # The versions it was written for pass without looking (CI runs the tests on both).
+    # A pre-release of a supported version (the GPU image's snapshot) is looked at too.
+    with pytest.raises(RuntimeError, match=r"^torch 2\.12\.0a0\+5aff3928d8\.nv26\.05 is installed"):
+        check_torch("2.12.0a0+5aff3928d8.nv26.05")
+    # The releases it was written for pass without looking (CI runs the tests on both).
     check_torch("2.13.0+cpu")
-    check_torch("2.12.0a0+5aff3928d8.nv26.05")
+    check_torch("2.12.0")
 
 
 def test_another_torch_with_its_internals_in_place_passes_with_a_warning():
     with pytest.warns(UserWarning, match=r"torch 2\.99\.0 is not one k2train's pipeline was tested on"):
         check_torch("2.99.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_torch("2.12.0a0+5aff3928d8.nv26.05")  # a supported minor version: no warning
 
 
 # ---- the hooks on a toy pipeline -----------------------------------------------------------------

@@ -18,11 +18,12 @@ torch's action tuple and its kinds, `schedule_stages` the stages a schedule runs
 
 Version gate. The module was written against torch 2.13 and the suite also passes on torch 2.12,
 the release of the 2.12.0a0 that the GPU image (nvcr.io/nvidia/pytorch:26.05-py3) brings; CI runs
-the pipeline tests on both (`make test-image-torch`). `check_torch` runs once, on import: a torch of
-another minor version passes only if the private names, fields and signatures used here are where
-this module expects them (`internals_problems`, the static half of tests/test_torch_compat.py),
-with a warning that its behaviour is untested; otherwise the import fails with one sentence naming
-the installed torch, the supported ones and what to do.
+the pipeline tests on both (`make test-image-torch`). `check_torch` runs once, on import: a release
+of these passes; a pre-release of them (the image's snapshot), or a torch of another minor version
+(with a warning that its behaviour is untested), passes only if the private names, fields and
+signatures used here are where this module expects them (`internals_problems`, the static half of
+tests/test_torch_compat.py); otherwise the import fails with one sentence naming the installed
+torch, the supported ones and what to do.
 """
 
 from __future__ import annotations
@@ -155,14 +156,17 @@ def torch_minor(version: str) -> str:
 
 
 def check_torch(version: str) -> None:
-    """Pass a torch of WRITTEN_FOR; pass another (with a warning) only when `internals_problems`
-    finds nothing; else raise one sentence."""
-    if torch_minor(version) in WRITTEN_FOR:
+    """Pass a release of WRITTEN_FOR; pass a pre-release of one (the GPU image's 2.12.0a0) or another
+    torch (with a warning) only when `internals_problems` finds nothing; else raise one sentence."""
+    listed = torch_minor(version) in WRITTEN_FOR
+    if listed and version.split("+")[0].replace(".", "").isdigit():
         return
     problems = internals_problems()
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise RuntimeError(_refusal(version, problems[0] + more))
+    if listed:
+        return
     warnings.warn(f"torch {version} is not one k2train's pipeline was tested on ({', '.join(WRITTEN_FOR)}); the "
                   f"private pipelining names it uses are in place, but run tests/test_torch_compat.py and the "
                   f"pipeline tests on it before a long run.", stacklevel=2)
