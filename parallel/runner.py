@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining.schedules import _ComputationType
 
 from k2train.config.checks import micro_batches_per_step
 from k2train.config.schema import JobConfig
@@ -28,6 +27,7 @@ from parallel.signals import stop_on_signal
 from parallel.experts import apply_expert_parallel
 from parallel.pipeline.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
 from parallel.pipeline.stages import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.pipeline.torch_compat import ComputationType
 from parallel.plan.planner import budgeted_offload
 from parallel.plan.cost import device_hardware
 from parallel.pipeline.split import choose_split
@@ -169,7 +169,7 @@ class ParallelRunner:
         """(stage, micro-batch) of this rank's backwards in the order its schedule runs them."""
         if self.schedule is None:
             return [(0, m) for m in range(self.micro_batches)]
-        starts = (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_INPUT)
+        starts = (ComputationType.FULL_BACKWARD, ComputationType.BACKWARD_INPUT)
         actions = [sub for a in self.schedule.pipeline_order[self.state.coords.pp] if a is not None
                    for sub in a.sub_actions or (a,)]
         return [(a.stage_index, a.microbatch_index) for a in actions if a.computation_type in starts]

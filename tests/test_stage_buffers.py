@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from torch.distributed.pipelining.schedules import _Action, _add_unshard_reshard, _ComputationType
 
 from multiproc import run_world
 from parallel.pipeline.schedule_table import rank_order, timeline
-from parallel.pipeline.buffers import interleaved_1f1b_actions, with_unshard_reshard
+from parallel.pipeline.buffers import interleaved_1f1b_actions
+from parallel.pipeline.torch_compat import to_action, torch_add_unshard_reshard, with_unshard_reshard
 from test_parallel_training import data  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).parents[1]
@@ -34,14 +34,13 @@ OVERRIDES = [
 @pytest.mark.parametrize("pp,vp,m", [(2, 2, 8), (4, 2, 8), (4, 4, 8), (3, 5, 6), (8, 2, 32)])
 def test_unshard_reshard_pass_equals_torchs(pp, vp, m):
     """On the table's order, and on the time line with its idle steps (what the runtime is given)."""
-    kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
     orders = interleaved_1f1b_actions(pp, vp, m)
-    with_idle = {rank: [None if op is None else _Action(op.stage, kinds[op.kind], op.microbatch) for op in line]
+    with_idle = {rank: [None if op is None else to_action(op) for op in line]
                  for rank, line in timeline(pp, vp, m).items()}
     for rank in range(pp):
         for actions in (orders[rank], with_idle[rank]):
             for active in (1, 3):
-                assert with_unshard_reshard(actions, active) == _add_unshard_reshard(list(actions), active)
+                assert with_unshard_reshard(actions, active) == torch_add_unshard_reshard(list(actions), active)
 
 
 def measure_rank(payload: dict) -> dict:
@@ -79,7 +78,8 @@ def measure_rank(payload: dict) -> dict:
 
 @pytest.mark.parametrize("schedule", ["interleaved_1f1b", "interleaved_zero_bubble"])
 def test_receive_buffers_live_only_while_in_flight(schedule, data):
-    from parallel.pipeline.buffers import interleaved_1f1b_peaks, lower, receive_buffer_peak
+    from parallel.pipeline.buffers import interleaved_1f1b_peaks, receive_buffer_peak
+    from parallel.pipeline.torch_compat import lower
 
     ranks = run_world(PP, "test_stage_buffers:measure_rank",
                       dict(overrides=OVERRIDES + [f"parallel.schedule={schedule}"], data=data))

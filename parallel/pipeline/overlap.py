@@ -28,7 +28,7 @@ bit-identical to the plain order. Losses, max logits and expert loads are collec
 and summed in micro-batch order after the step.
 
 With pp > 1 the pairs run inside the interleaved 1F1B or zero-bubble schedule
-(parallel/pipeline/paired.py).
+(parallel/pipeline/torch_compat.py `paired_actions`, `overlap_forward_backward`).
 
 With activation offload, a pair's forward packs while its backward fetches; the offloader's
 groups are keyed by micro-batch, and a prefetch that runs before the paired forward has ended

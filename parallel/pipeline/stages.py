@@ -3,7 +3,9 @@ schedules (K2 §2.4: interleaved 1F1B; the zero-bubble variant splits the weight
 
 Stage s of S = pp * vp holds a contiguous run of layers; stage 0 also holds the embedding and stage
 S-1 the final norm, the head and the loss. Pipeline rank r runs the virtual stages r, r+pp, ...
-(the looped placement torch's interleaved schedules expect).
+(the looped placement torch's interleaved schedules expect). The schedule classes and the stage
+with lean receive buffers reach into torch's private pipelining code, so they live in
+parallel/pipeline/torch_compat.py.
 """
 
 from __future__ import annotations
@@ -13,45 +15,21 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble
-from torch.distributed.pipelining.schedules import _Action, _ComputationType
+from torch.distributed.pipelining import ScheduleInterleavedZeroBubble
 
 from k2train.config.schema import ModelConfig
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
+from parallel.pipeline.buffers import ReceiveBufferLog
 from parallel.pipeline.overlap import Turns
-from parallel.pipeline.paired import overlap_forward_backward, paired_actions
-from parallel.pipeline.schedule_table import timeline
-from parallel.pipeline.buffers import LeanReceiveStage, ReceiveBufferLog
-
-
-
-class TheoryInterleaved1F1B(ScheduleInterleaved1F1B):
-    """torch's interleaved 1F1B runtime driving the paper's operation order (schedule_table.py),
-    whose bubble is the theoretical (p - 1) / (v·m); torch's own order idles longer."""
-
-    def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
-        kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
-        line = timeline(self.pp_group_size, self.n_local_stages, self._n_microbatches)[rank]
-        return [None if op is None else _Action(op.stage, kinds[op.kind], op.microbatch) for op in line]
-
-
-class PairedInterleaved1F1B(TheoryInterleaved1F1B):
-    """The interleaved 1F1B with communication overlap (parallel.overlap=ep): one more warm-up
-    forward, then forward/backward pairs as OVERLAP_F_B actions (parallel/pipeline/paired.py)."""
-
-    split_backward = False
-
-    def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
-        return paired_actions(self.pp_group_size, self.n_local_stages, self._n_microbatches, rank,
-                              self.split_backward)
-
-
-class PairedInterleavedZeroBubble(PairedInterleaved1F1B):
-    """The same pairs with each backward split: the input-gradient pass in the pair, the deferred
-    weight-gradient pass after it (parallel.schedule=interleaved_zero_bubble with overlap)."""
-
-    split_backward = True
+from parallel.pipeline.torch_compat import (
+    ComputationType,
+    LeanReceiveStage,
+    PairedInterleaved1F1B,
+    PairedInterleavedZeroBubble,
+    TheoryInterleaved1F1B,
+    overlap_forward_backward,
+)
 
 
 PAIRED = {"interleaved_1f1b": PairedInterleaved1F1B, "interleaved_zero_bubble": PairedInterleavedZeroBubble}
@@ -150,7 +128,7 @@ def build_schedule(
     The stages allocate a receive buffer only while its micro-batch needs it
     (parallel/pipeline/buffers.py); one log, `stage.log`, counts those of all of this rank's stages.
     With `turns` (parallel.overlap), the interleaved 1F1B runs its steady state as forward/backward
-    pairs (parallel/pipeline/paired.py).
+    pairs (parallel/pipeline/torch_compat.py `overlap_forward_backward`).
     """
     log = ReceiveBufferLog()
     stages = [
@@ -161,7 +139,7 @@ def build_schedule(
     if turns is None:
         return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired = PAIRED[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    paired.register_custom_function(_ComputationType.OVERLAP_F_B, overlap_forward_backward(turns))
+    paired.register_custom_function(ComputationType.OVERLAP_F_B, overlap_forward_backward(turns))
     return paired
 
 

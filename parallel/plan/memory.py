@@ -136,16 +136,14 @@ class InFlight:
 def schedule_ops(pp: int, vp: int, micro_batches: int, rank: int, paired: bool = False) -> list[tuple[str, int]]:
     """(kind, stage) of this pipeline rank's forwards and backwards in schedule order.
 
-    One pipeline rank (pp 1) runs each micro-batch's forward and backward back to back
-    (parallel/runner.py `_run_local`); the interleaved 1F1B order is `schedule_table.rank_order`
-    (the zero-bubble variant is counted with the same order). With `paired` (parallel.overlap) it
+    The order is `schedule_table.rank_order`, the interleaved 1F1B (the zero-bubble variant is
+    counted with the same order); with one pipeline rank it runs each micro-batch's forward and
+    backward back to back, as parallel/runner.py `_run_local` does. With `paired` (parallel.overlap) it
     is `schedule_table.paired_order`, a pair's forward counted before its backward frees: one more
     micro-batch in flight, the memory price of the overlap.
     """
     if paired:
         return [(op.kind, op.stage) for step in paired_order(pp, vp, micro_batches, rank) for op in step]
-    if pp == 1:
-        return [op for _ in range(micro_batches) for op in (("F", 0), ("B", 0))]
     return [(op.kind, op.stage) for op in rank_order(pp, vp, micro_batches, rank)]
 
 
