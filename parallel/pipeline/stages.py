@@ -22,8 +22,8 @@ from k2train.model import K2Model, ModelPart
 from parallel.pipeline.overlap import Turns
 from parallel.pipeline.paired import overlap_forward_backward, paired_actions
 from parallel.pipeline.schedule_table import timeline
-from parallel.pipeline.buffers import LeanReceiveStage, ReceiveBufferLog
-
+from parallel.pipeline.buffers import ReceiveBufferLog
+from parallel.pipeline.hooks import ObservedStage, StageLoss
 
 
 class TheoryInterleaved1F1B(ScheduleInterleaved1F1B):
@@ -154,10 +154,11 @@ def build_schedule(
     """
     log = ReceiveBufferLog()
     stages = [
-        LeanReceiveStage(module, s, num_stages, device, group=group, log=log,
-                         **_stage_io(module, s, num_stages, micro_batch_shape))
+        ObservedStage(module, s, num_stages, device, group=group, log=log,
+                      **_stage_io(module, s, num_stages, micro_batch_shape))
         for module, s in zip(stage_modules, stage_indices, strict=True)
     ]
+    loss_fn = StageLoss(loss_fn, stages)  # observed with the last stage (parallel/pipeline/hooks.py)
     if turns is None:
         return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired = PAIRED[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
