@@ -8,6 +8,9 @@ outside the stage, through the loss function it was given. `ObservedStage` enter
 around each of these calls as `observer(kind, stage, microbatch)` with kind "F", "B", "I" or "W",
 and `StageLoss` (the schedule's loss function) enters the last stage's observer as ("loss", stage,
 micro-batch of that stage's latest forward). Without an observer each costs one call.
+The runner (parallel/runner.py `observe_step`) sets one observer on its stages and enters the same
+one around its own phases: the schedule step, the gradient reduction, and without a pipeline each
+forward and backward.
 """
 
 from __future__ import annotations
