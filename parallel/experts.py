@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from k2train.model import K2Model
 from k2train.model.moe import Experts
+from parallel.collectives import Collectives
 from parallel.pipeline.overlap import Turns, all_to_all
 
 
@@ -30,7 +31,8 @@ class _AllToAll(torch.autograd.Function):
         # beside forwards; each group must see its collectives in the same order on every rank).
         ctx.splits, ctx.exchange = (out_splits, in_splits), exchange
         out_MD = x_ND.new_empty(sum(out_splits), x_ND.shape[1])
-        all_to_all(out_MD, x_ND.contiguous(), out_splits, in_splits, exchange.group, exchange.turns)
+        all_to_all(out_MD, x_ND.contiguous(), out_splits, in_splits, exchange.group, exchange.turns,
+                   exchange.collectives)
         return out_MD
 
     @staticmethod
@@ -38,7 +40,7 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad_ND = grad_MD.new_empty(sum(in_splits), grad_MD.shape[1])
         all_to_all(grad_ND, grad_MD.contiguous(), in_splits, out_splits, ctx.exchange.backward_group,
-                   ctx.exchange.turns)
+                   ctx.exchange.turns, ctx.exchange.collectives)
         return grad_ND, None, None, None
 
 
@@ -46,11 +48,12 @@ class AllToAllExchange:
     """The MoE `ExpertExchange` of one EP rank: rows out to their expert's rank, outputs back."""
 
     def __init__(self, group: dist.ProcessGroup, ep_size: int, backward_group: dist.ProcessGroup | None = None,
-                 turns: Turns | None = None):
+                 turns: Turns | None = None, collectives: Collectives | None = None):
         self.group = group
         self.backward_group = group if backward_group is None else backward_group
         self.ep_size = ep_size
         self.turns = turns  # parallel.overlap: each exchange hands the turn to the paired micro-batch
+        self.collectives = Collectives() if collectives is None else collectives
 
     def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor:
         E_local = experts.num_local
@@ -58,7 +61,7 @@ class AllToAllExchange:
         recv_counts_RL = torch.empty_like(send_counts_RL)
         # Counts first. They keep the turn: the exchange is tiny, and handing over here would set the
         # other task's long segment beside it and the big exchanges beside short ones.
-        all_to_all(recv_counts_RL, send_counts_RL, None, None, self.group, None)
+        all_to_all(recv_counts_RL, send_counts_RL, None, None, self.group, None, self.collectives)
         # The exchange's one host sync: both split lists in one read-back.
         in_splits, out_splits = torch.stack([send_counts_RL.sum(dim=1), recv_counts_RL.sum(dim=1)]).tolist()
 
@@ -74,9 +77,11 @@ class AllToAllExchange:
 
 
 def apply_expert_parallel(model: K2Model, group: dist.ProcessGroup, ep_rank: int, ep_size: int,
-                          backward_group: dist.ProcessGroup | None = None, turns: Turns | None = None) -> None:
+                          backward_group: dist.ProcessGroup | None = None, turns: Turns | None = None,
+                          collectives: Collectives | None = None) -> None:
     """Route every MoE layer of `model` (a part holding experts of EP rank `ep_rank`) through `group`
-    (the backward's exchanges through `backward_group` when given, taking `turns` when overlapped)."""
+    (the backward's exchanges through `backward_group` when given, taking `turns` when overlapped),
+    calling the all-to-alls through `collectives` (the rank's ParallelState.collectives)."""
     if ep_size == 1:
         return
     for i in model.moe_layers():
@@ -87,4 +92,4 @@ def apply_expert_parallel(model: K2Model, group: dist.ProcessGroup, ep_rank: int
                 f"layer {i} holds experts {moe.experts.first_expert}..{moe.experts.first_expert + moe.experts.num_local - 1}, "
                 f"but EP rank {ep_rank} of {ep_size} owns {expected}..{expected + model.cfg.num_experts // ep_size - 1}."
             )
-        moe.exchange = AllToAllExchange(group, ep_size, backward_group, turns)
+        moe.exchange = AllToAllExchange(group, ep_size, backward_group, turns, collectives)

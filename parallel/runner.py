@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import PipelineStage
 
 from k2train.config.checks import micro_batches_per_step
 from k2train.config.schema import JobConfig
@@ -25,9 +26,10 @@ from parallel.checkpoint.checkpointer import CheckpointError, router_bias_key
 from parallel.checkpoint.resume import resume_point
 from parallel.signals import stop_on_signal
 from parallel.experts import apply_expert_parallel
+from parallel.pipeline.hooks import ActionObserver, observed
 from parallel.pipeline.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
 from parallel.pipeline.stages import StageModule, build_schedule, build_stage_models, lm_loss
-from parallel.pipeline.torch_compat import ComputationType
+from parallel.pipeline.torch_compat import ComputationType, schedule_stages
 from parallel.plan.planner import budgeted_offload
 from parallel.plan.cost import device_hardware
 from parallel.pipeline.split import choose_split
@@ -72,7 +74,8 @@ class ParallelRunner:
             part.to(device=state.device, dtype=dtype)
             part.use_fp8_activation_storage(cfg.memory.fp8_activations)
             part.use_selective_recompute(cfg.memory.selective_recompute)
-            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group, self.turns)
+            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group, self.turns,
+                                  state.collectives)
         self.model = RankModel(parts)
         self.micro_batches = micro_batches_per_step(cfg, layout.dp)
         self.tokens_per_step = cfg.train.global_batch_tokens
@@ -103,6 +106,7 @@ class ParallelRunner:
             state.dense_group, state.expert_grad_group, cfg.optimizer,
             (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim), state.is_distributed,
             offload=cfg.memory.optimizer_offload, chunk_bytes=cfg.memory.optimizer_chunk_bytes,
+            collectives=state.collectives,
         )
 
     # -- the step --------------------------------------------------------------------------------
@@ -116,13 +120,14 @@ class ParallelRunner:
         )
         inputs_BS, labels_BS = inputs_BS.to(self.state.device), labels_BS.to(self.state.device)
         if self.offloader is not None:
-            self.offloader.expect(self._backward_order(), self.offload_keys)
+            self.offloader.expect(self.backward_order(), self.offload_keys)
         if self.schedule is None:
             loss_sum, max_logits_LH, counts_ME = self._run_local(inputs_BS, labels_BS)
         else:
             loss_sum, max_logits_LH, counts_ME = self._run_pipeline(inputs_BS, labels_BS)
         # The step's loss is the mean over every micro-batch of every sequence rank.
-        self.optimizer.reduce(divisor=self.micro_batches * self.state.layout.sequence_ranks)
+        with observed(self.step_observer, "reduce"):
+            self.optimizer.reduce(divisor=self.micro_batches * self.state.layout.sequence_ranks)
         return self._global_stats(loss_sum, max_logits_LH, counts_ME)
 
     def _run_local(self, inputs_BS, labels_BS):
@@ -133,20 +138,25 @@ class ParallelRunner:
 
         def forward(index: int):
             x_BS, y_BS = batches[index]
-            if self.saved is None:
-                out = model(x_BS)
-                output = out.output
-            else:
-                with self.saved.record((0, index), tokens=x_BS.numel()):
+            with observed(self.step_observer, "F", 0, index):
+                if self.saved is None:
                     out = model(x_BS)
-                output = self.saved.mark_backward_start(out.output, (0, index))
+                    output = out.output
+                else:
+                    with self.saved.record((0, index), tokens=x_BS.numel()):
+                        out = model(x_BS)
+                    output = self.saved.mark_backward_start(out.output, (0, index))
             # Only the statistics are kept, not the outputs: memory stays as without the table.
-            return lm_loss(output, y_BS), out.max_logits_LH, out.expert_counts_ME
+            return lm_loss(output, y_BS), out.max_logits_LH, out.expert_counts_ME, index
 
-        results = run_micro_batches(forward, lambda result: result[0].backward(), self.micro_batches, self.turns)
+        def backward(result) -> None:
+            with observed(self.step_observer, "B", 0, result[3]):
+                result[0].backward()
+
+        results = run_micro_batches(forward, backward, self.micro_batches, self.turns)
         loss_sum = torch.zeros((), device=self.state.device)
         max_logits, counts = None, None
-        for loss, max_logits_LH, counts_ME in results:
+        for loss, max_logits_LH, counts_ME, _ in results:
             loss_sum += loss.detach()
             max_logits = max_logits_LH if max_logits is None else torch.maximum(max_logits, max_logits_LH)
             counts = counts_ME if counts is None else counts + counts_ME
@@ -158,14 +168,42 @@ class ParallelRunner:
         first, last = 0 in self.stage_indices, len(self.split) - 1 in self.stage_indices
         losses: list[torch.Tensor] = []
         args = (inputs_BS,) if first else ()
-        self.schedule.step(*args, target=labels_BS if last else None, losses=losses if last else None,
-                           return_outputs=False)
+        with observed(self.step_observer, "schedule"):
+            self.schedule.step(*args, target=labels_BS if last else None, losses=losses if last else None,
+                               return_outputs=False)
         loss_sum = torch.stack(losses).sum().detach() if last else torch.zeros((), device=self.state.device)
         max_logits = torch.cat([m.max_logits_LH for m in self.stage_modules])
         counts = torch.cat([m.counts_ME for m in self.stage_modules])
         return loss_sum, max_logits, counts
 
-    def _backward_order(self) -> list[tuple[int, int]]:
+    # -- what observers and tests may read -------------------------------------------------------
+
+    step_observer: ActionObserver | None = None  # set by observe_step
+
+    @property
+    def stages(self) -> list[PipelineStage]:
+        """This rank's torch PipelineStage objects (parallel/pipeline/hooks.py ObservedStage), in
+        stage order; none without a pipeline."""
+        return [] if self.schedule is None else schedule_stages(self.schedule)
+
+    @property
+    def receive_log(self):
+        """The pipeline receive buffers of this rank's stages (parallel/pipeline/buffers.py
+        ReceiveBufferLog, one shared by the stages); None without a pipeline."""
+        stages = self.stages
+        return stages[0].log if stages else None
+
+    def observe_step(self, observer: ActionObserver | None) -> None:
+        """Enter `observer(kind, stage, microbatch)` around the parts of each step: every forward
+        ("F") and backward ("B"; "I" and "W" when split) of a stage and micro-batch, the last
+        stage's "loss" in a pipeline, the whole pipeline schedule ("schedule", None, None) and the
+        gradient reduction ("reduce", None, None). Without a pipeline a backward includes its
+        loss's. None stops observing."""
+        self.step_observer = observer
+        for stage in self.stages:
+            stage.observer = observer
+
+    def backward_order(self) -> list[tuple[int, int]]:
         """(stage, micro-batch) of this rank's backwards in the order its schedule runs them."""
         if self.schedule is None:
             return [(0, m) for m in range(self.micro_batches)]
@@ -188,8 +226,8 @@ class ParallelRunner:
         loss_terms = torch.tensor([loss_sum.item(), self.micro_batches if last else 0], dtype=torch.float64, device=device)
         sums = torch.cat([loss_terms, counts_ME.flatten()])
         if self.state.is_distributed:
-            dist.all_reduce(max_logits_LH, op=dist.ReduceOp.MAX)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            self.state.collectives.all_reduce(max_logits_LH, op=dist.ReduceOp.MAX)
+            self.state.collectives.all_reduce(sums, op=dist.ReduceOp.SUM)
         loss = (sums[0] / sums[1]).item()
         counts_ME = sums[2:].view_as(counts_ME).round().to(torch.int64)
         return StepResult(loss, max_logits_LH.cpu(), counts_ME.cpu())
@@ -280,7 +318,7 @@ class ParallelRunner:
         for bias_E, row in zip(self.model.router_biases(), rows):
             means[row] = bias_E.abs().mean().double()
         if self.state.is_distributed:
-            dist.all_reduce(means, op=dist.ReduceOp.MAX)  # replicas hold identical biases
+            self.state.collectives.all_reduce(means, op=dist.ReduceOp.MAX)  # replicas hold identical biases
         return means.tolist()
 
 

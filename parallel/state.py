@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import Collectives
 from parallel.layout import Layout, RankCoords
 
 RENDEZVOUS_TIMEOUT_VAR = "K2TRAIN_RENDEZVOUS_TIMEOUT"
@@ -56,6 +57,8 @@ class ParallelState:
     expert_group: dist.ProcessGroup | None
     dense_group: dist.ProcessGroup | None
     expert_grad_group: dist.ProcessGroup | None
+    # What the runtime calls torch.distributed's collectives through (parallel/collectives.py).
+    collectives: Collectives = field(default_factory=Collectives)
 
     @property
     def is_distributed(self) -> bool:

@@ -116,7 +116,7 @@ def _run_steps(payload: dict) -> dict:
             runner.optimizer_step(1e-2, result.max_logits_LH)
             losses.append(result.loss)
             if runner.offloader is not None:
-                orders.append((list(runner.offloader.fetched_groups), runner._backward_order(),
+                orders.append((list(runner.offloader.fetched_groups), runner.backward_order(),
                                runner.offloader.late_fetches))
                 host.append(dict(runner.offloader.host_bytes_by_key))
         runs[flag] = dict(losses=losses, orders=orders, host=host, pp=state.coords.pp, keys=runner.offload_keys,

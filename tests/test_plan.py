@@ -115,7 +115,7 @@ def measure_rank(payload: dict) -> dict:
     groups.append(_group_bytes(ShardGroup(dense, 0, state.dense_group, cfg.optimizer, offload=False)))
     # Receive buffers live from the posted receive to the compute that reads it: the stages' log
     # saw their memory (by storage weak references) at the rank's peak.
-    log = runner.schedule._stages[0].log
+    log = runner.receive_log
     receive, grad_receive = log.peak_bytes
     result = dict(rank=state.rank, params=sum(p.nbytes for p in runner.model.parameters()), groups=groups,
                   saved=runner.saved.bytes.total("device"), offloaded=runner.saved.bytes.total("offloaded"),

@@ -58,8 +58,8 @@ def measure_rank(payload: dict) -> dict:
     env = launch_env()
     state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
     runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]))
-    stages = runner.schedule._stages
-    log = stages[0].log
+    stages = runner.stages
+    log = runner.receive_log
     steps = []
     for _ in range(2):
         log.reset()

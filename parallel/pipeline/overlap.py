@@ -45,8 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from parallel.collectives import Collectives
 from parallel.pipeline.schedule_table import paired_order
 from parallel.state import ParallelState, my_group
 
@@ -118,12 +118,12 @@ class Turns:
 
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
-               group: Any, turns: Turns | None) -> None:
+               group: Any, turns: Turns | None, collectives: Collectives) -> None:
     """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's turn."""
     if turns is None:
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+        collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group)
         return
-    work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+    work = collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
     turns.hand_over()
     work.wait()
 

@@ -20,16 +20,16 @@ from torch.distributed.pipelining import ScheduleInterleavedZeroBubble
 from k2train.config.schema import ModelConfig
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
-from parallel.pipeline.buffers import ReceiveBufferLog
 from parallel.pipeline.overlap import Turns
 from parallel.pipeline.torch_compat import (
     ComputationType,
-    LeanReceiveStage,
     PairedInterleaved1F1B,
     PairedInterleavedZeroBubble,
     TheoryInterleaved1F1B,
     overlap_forward_backward,
 )
+from parallel.pipeline.buffers import ReceiveBufferLog
+from parallel.pipeline.hooks import ObservedStage, StageLoss
 
 
 PAIRED = {"interleaved_1f1b": PairedInterleaved1F1B, "interleaved_zero_bubble": PairedInterleavedZeroBubble}
@@ -132,10 +132,11 @@ def build_schedule(
     """
     log = ReceiveBufferLog()
     stages = [
-        LeanReceiveStage(module, s, num_stages, device, group=group, log=log,
-                         **_stage_io(module, s, num_stages, micro_batch_shape))
+        ObservedStage(module, s, num_stages, device, group=group, log=log,
+                      **_stage_io(module, s, num_stages, micro_batch_shape))
         for module, s in zip(stage_modules, stage_indices, strict=True)
     ]
+    loss_fn = StageLoss(loss_fn, stages)  # observed with the last stage (parallel/pipeline/hooks.py)
     if turns is None:
         return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired = PAIRED[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)

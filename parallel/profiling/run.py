@@ -28,7 +28,7 @@ import torch.distributed as dist
 from k2train.config.checks import ConfigError
 from k2train.config.schema import JobConfig
 from k2train.train.loop import run_steps, open_sampler
-from parallel.profiling.instrument import instrumented
+from parallel.profiling.instrument import CountingSampler, instrumented
 from parallel.profiling.memory import SavedCounter, check_fits, held_bytes
 from parallel.profiling.report import build_report, write_report
 from parallel.profiling.timing import COMPUTE_KINDS, Clock, Recorder, StepTiming, peak_saved_bytes
@@ -69,8 +69,8 @@ def run_profile(cfg: JobConfig, options: ProfileOptions, env: LaunchEnv) -> dict
 
 def _profile_rank(cfg: JobConfig, state: ParallelState, options: ProfileOptions) -> dict | None:
     out_dir = _shared_out_dir(cfg, options, state)
-    runner = ParallelRunner(cfg, state, open_sampler(cfg, shared_data_prefix(cfg, state)))
     recorder = Recorder(Clock(state.device))
+    runner = ParallelRunner(cfg, state, CountingSampler(open_sampler(cfg, shared_data_prefix(cfg, state)), recorder))
     steps = ProfiledSteps(runner, recorder, options, out_dir / "trace" / f"rank{state.rank}.json")
     total = options.warmup + options.steps + (1 if options.torch_trace else 0)
     with instrumented(runner, recorder, SavedCounter(runner, recorder)):

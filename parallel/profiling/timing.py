@@ -15,7 +15,7 @@ kind of span covering it (collectives sit inside forwards, backwards or the opti
 - pipeline_idle: inside the pipeline schedule but in none of the above: waiting for a neighbour
   stage's activations or gradients (the bubble) and the point-to-point transfers themselves;
 - other: the rest of the step (reading the batch, the step's statistics, the loop's bookkeeping;
-  without a pipeline also the loss).
+  without a pipeline also the loss's forward: its backward is part of the micro-batch's backward).
 """
 
 from __future__ import annotations

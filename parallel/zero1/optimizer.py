@@ -34,12 +34,9 @@ from k2train.config.schema import OptimizerConfig
 from k2train.optim.muon_clip import adamw_update_, apply_muon_update_, muon_momentum_
 from k2train.optim.newton_schulz import newton_schulz_many
 from k2train.optim.qk_clip import clip_kv_rows_, clip_q_rows_, qk_clip_scales
+from parallel.collectives import Collectives
 from parallel.zero1.offload import DEFAULT_CHUNK_BYTES, ChunkStates, DeviceStates, OffloadedStates, Piece
 from parallel.zero1.ownership import OptItem, assign_owners, is_expert_param, item_places
-
-
-# torch 2.13 renamed reduce_scatter_tensor (older releases, e.g. the GPU images', have only that name).
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -66,8 +63,9 @@ class ShardGroup:
 
     def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]], first_expert: int,
                  group: dist.ProcessGroup | None, cfg: OptimizerConfig, offload: bool = False,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, collectives: Collectives | None = None):
         self.group = group
+        self.collectives = Collectives() if collectives is None else collectives
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self.cfg = cfg
@@ -142,7 +140,7 @@ class ShardGroup:
         if self.group is None:
             self.grad_region.copy_(self.grads[: self.region])
         else:
-            _reduce_scatter(self.grad_region, self.grads, op=dist.ReduceOp.SUM, group=self.group)
+            self.collectives.reduce_scatter(self.grad_region, self.grads, op=dist.ReduceOp.SUM, group=self.group)
         self.grad_region.div_(divisor)
         self.grads.zero_()
 
@@ -199,7 +197,7 @@ class ShardGroup:
             gathered = mine
         else:
             gathered = torch.empty(self.size * self.region, dtype=self.param_dtype, device=mine.device)
-            dist.all_gather_into_tensor(gathered, mine, group=self.group)
+            self.collectives.all_gather_into_tensor(gathered, mine, group=self.group)
         for slot in self.slots:
             start = slot.owner * self.region + slot.offset
             slot.data.copy_(gathered[start:start + slot.item.numel].view(slot.item.shape))
@@ -241,10 +239,12 @@ class ShardedMuonClip:
     def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]], first_expert: int,
                  dense_group: dist.ProcessGroup | None, expert_group: dist.ProcessGroup | None,
                  cfg: OptimizerConfig, attention_dims: tuple[int, int, int], distributed: bool,
-                 offload: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 offload: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 collectives: Collectives | None = None):
+        self.collectives = Collectives() if collectives is None else collectives
         dense = [(n, p) for n, p in named_params if not is_expert_param(n)]
         expert = [(n, p) for n, p in named_params if is_expert_param(n)]
-        places = dict(offload=offload, chunk_bytes=chunk_bytes)
+        places = dict(offload=offload, chunk_bytes=chunk_bytes, collectives=self.collectives)
         self.groups = [ShardGroup(dense, first_expert, dense_group, cfg, **places),
                        ShardGroup(expert, first_expert, expert_group, cfg, **places)]
         self.cfg = cfg
@@ -262,7 +262,7 @@ class ShardedMuonClip:
         torch.nn.utils.clip_grad_norm_ would apply (max_norm 0: none)."""
         square = sum(group.owned_square_norm() for group in self.groups)
         if self.distributed:
-            dist.all_reduce(square, op=dist.ReduceOp.SUM)
+            self.collectives.all_reduce(square, op=dist.ReduceOp.SUM)
         norm = square.sqrt().item()
         self.clip_coef = min(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else 1.0
         return norm
