@@ -18,6 +18,7 @@ from k2train.config.checks import micro_batches_per_step
 from k2train.config.schema import JobConfig
 from k2train.data.sampler import SequenceSampler
 from k2train.memory.offload import ActivationOffloader
+from k2train.memory.policy import SavePolicy
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
@@ -62,7 +63,8 @@ class ParallelRunner:
         layout, coords = state.layout, state.coords
         self.split = choose_split(cfg, layout.num_stages, layout.pp)
         self.stage_indices = layout.stage_indices(coords.pp)
-        parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
+        parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed,
+                                   SavePolicy.from_config(cfg.memory))
         dtype = getattr(torch, cfg.train.param_dtype)
         # parallel.overlap (K2 §2.4): backwards take turns with forwards, their exchanges on a group of their own.
         check_overlap(cfg.parallel.overlap, layout.ep)
@@ -70,8 +72,6 @@ class ParallelRunner:
         backward_group = backward_expert_group(state) if self.turns is not None else None
         for part in parts:
             part.to(device=state.device, dtype=dtype)
-            part.use_fp8_activation_storage(cfg.memory.fp8_activations)
-            part.use_selective_recompute(cfg.memory.selective_recompute)
             apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group, self.turns)
         self.model = RankModel(parts)
         self.micro_batches = micro_batches_per_step(cfg, layout.dp)
