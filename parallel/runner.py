@@ -49,6 +49,10 @@ class RankModel(nn.Module):
     def moe_layer_ids(self) -> list[int]:
         return [i for part in self.parts for i in part.moe_layers()]
 
+    def moe_rows(self) -> list[int]:
+        """The row of each of this rank's MoE layers in the all-layer expert tables ([num_moe_layers, E])."""
+        return [i - part.cfg.first_dense_layers for part in self.parts for i in part.moe_layers()]
+
     def attention_modules(self):
         return [m for part in self.parts for m in part.attention_modules()]
 
@@ -182,8 +186,7 @@ class ParallelRunner:
         max_logits_LH = torch.full((model_cfg.num_layers, model_cfg.num_heads), float("-inf"), device=device)
         max_logits_LH[self.model.layer_ids()] = local_max_logits_LH.to(device)
         counts_ME = torch.zeros(model_cfg.num_moe_layers, model_cfg.num_experts, dtype=torch.float64, device=device)
-        moe_rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
-        counts_ME[moe_rows] = local_counts_ME.to(device=device, dtype=torch.float64)
+        counts_ME[self.model.moe_rows()] = local_counts_ME.to(device=device, dtype=torch.float64)
         last = len(self.split) - 1 in self.stage_indices
         loss_terms = torch.tensor([loss_sum.item(), self.micro_batches if last else 0], dtype=torch.float64, device=device)
         sums = torch.cat([loss_terms, counts_ME.flatten()])
@@ -267,17 +270,15 @@ class ParallelRunner:
     def update_router_biases(self, counts_ME: torch.Tensor) -> None:
         """Move this rank's router biases by the step's global loads."""
         model_cfg = self.cfg.model
-        rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
-        for bias_E, row in zip(self.model.router_biases(), rows, strict=True):
+        for bias_E, row in zip(self.model.router_biases(), self.model.moe_rows(), strict=True):
             update_router_bias_(bias_E, counts_ME[row].to(bias_E.device), model_cfg.router_bias_update_rate)
 
     @torch.no_grad()
     def router_bias_means(self) -> list[float]:
         """Mean |bias| of every MoE layer of the model (each rank contributes its own layers)."""
         model_cfg = self.cfg.model
-        rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
         means = torch.full((model_cfg.num_moe_layers,), float("-inf"), dtype=torch.float64, device=self.state.device)
-        for bias_E, row in zip(self.model.router_biases(), rows):
+        for bias_E, row in zip(self.model.router_biases(), self.model.moe_rows()):
             means[row] = bias_E.abs().mean().double()
         if self.state.is_distributed:
             dist.all_reduce(means, op=dist.ReduceOp.MAX)  # replicas hold identical biases
