@@ -28,6 +28,7 @@ import torch
 
 from k2train.config.load import load_config
 from k2train.memory.layer_probe import FEATURES, moe_layer, saved_per_token
+from k2train.memory.policy import SavePolicy
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -36,13 +37,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 def measure(cfg, local_experts: int, seq_lens: list[int], batch: int, dtype: torch.dtype) -> dict[str, tuple]:
     """{feature: (device, offloaded) bytes/token at each seq_len}."""
     torch.manual_seed(0)
-    model = moe_layer(cfg, local_experts).to(dtype)
     results = {}
     for name, (fp8, recompute, offload) in FEATURES.items():
+        model = moe_layer(cfg, local_experts, policy=SavePolicy(fp8=fp8, recompute=recompute)).to(dtype)
         per_len = []
         for seq in seq_lens:
             x_BSD = torch.randn(batch, seq, cfg.hidden_size, dtype=dtype, requires_grad=True)
-            per_len.append(saved_per_token(model, x_BSD, fp8, recompute, offload))
+            per_len.append(saved_per_token(model, x_BSD, offload))
         results[name] = per_len
     return results
 

@@ -273,17 +273,17 @@ def _uneven_counts(E: int, mean: int) -> list[int]:
 def _sync_check(b: Bench, cfg) -> dict[str, str]:
     """Routed MoE (router, grouped experts, shared expert) forward + backward with CUDA's sync
     debugging set to raise, plain and with FP8 storage + recomputation: 'none' or the error."""
+    from k2train.memory.policy import SavePolicy
     from k2train.model.moe import MoE
 
     if b.device.type != "cuda":
         return {"plain": "not checked (no CUDA)"}
-    moe = MoE(cfg).to(b.device, torch.bfloat16)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.02)
     x = b.randn(1, b.sizes.moe_tokens, cfg.hidden_size, grad=True)
     result = {}
     for name, memory_features in (("plain", False), ("fp8_storage_and_recompute", True)):
-        moe.experts.fp8_storage = moe.experts.recompute = memory_features
+        moe = MoE(cfg, policy=SavePolicy(fp8=memory_features, recompute=memory_features)).to(b.device, torch.bfloat16)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.02)
         moe(x)[0].float().square().mean().backward()  # compiles the kernels outside the check
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -299,6 +299,7 @@ def _sync_check(b: Bench, cfg) -> dict[str, str]:
 
 def experts(b: Bench) -> dict:
     from k2train.config.schema import ModelConfig
+    from k2train.memory.policy import SavePolicy
     from k2train.model.moe import Experts
 
     E, mean, D, I = b.sizes.experts
@@ -318,7 +319,10 @@ def experts(b: Bench) -> dict:
     checks = {"forward_rel_error_vs_loop": _rel(module(x, counts_E), module.forward_loop(x, counts_E)),
               "host_syncs_in_moe_forward_backward": _sync_check(b, cfg)}
     ms = {"grouped": b.time_ms(lambda: fwd_bwd(module)), "loop": b.time_ms(lambda: fwd_bwd(module.forward_loop))}
-    module.fp8_storage = True  # memory.fp8_activations: the up-projection and SwiGLU inputs as FP8 tiles
+    # memory.fp8_activations: the up-projection and SwiGLU inputs as FP8 tiles (fwd_bwd reads `module` when called).
+    fp8_module = Experts(cfg, policy=SavePolicy(fp8=True)).to(b.device, torch.bfloat16)
+    fp8_module.load_state_dict(module.state_dict())
+    module = fp8_module
     ms["grouped_fp8_storage"] = b.time_ms(lambda: fwd_bwd(module))
     flops = 18 * sum(counts) * D * I  # 3 GEMMs of 2·N·D·I forward, twice that backward
     tflops = {key: flops / t / 1e9 for key, t in ms.items()}

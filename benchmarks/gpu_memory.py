@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # GPU images run it from a checkout
 
 from k2train.config.load import load_config  # noqa: E402
-from k2train.memory.layer_probe import moe_layer, set_features  # noqa: E402
+from k2train.memory.layer_probe import moe_layer  # noqa: E402
 from k2train.memory.offload import ActivationOffloader  # noqa: E402
+from k2train.memory.policy import SavePolicy  # noqa: E402
 from k2train.memory.saved import DEVICE, OFFLOADED, SavedActivations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def one_pass(model, x_BSD, fp8: bool, recompute: bool, offload: bool, device: torch.device) -> dict:
+def one_pass(model, x_BSD, offload: bool, device: torch.device) -> dict:
     """Forward + backward once; returns timings, memory and saved bytes (grads left on the params)."""
-    set_features(model, fp8, recompute)
     offloader = ActivationOffloader(device) if offload else None
     saved = SavedActivations([model], offloader)
     if offloader is not None:
@@ -122,15 +122,17 @@ def main(argv: list[str] | None = None) -> int:
                   torch=torch.__version__, tokens=tokens, local_experts=local, routed_experts=cfg.num_experts,
                   rows_per_local_expert=tokens * cfg.experts_per_token / local, dtype=str(dtype), results={})
     started = time.perf_counter()
-    model = moe_layer(cfg, local).to(device=device, dtype=dtype)
-    report["layer_parameters"] = sum(p.numel() for p in model.parameters())
     x_BSD = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype,
                         generator=torch.Generator(device).manual_seed(0), requires_grad=False)
     reference = None
     for name, (fp8, recompute, offload) in COMBINATIONS.items():
+        model = None  # the previous combination's layer leaves before the next one is built
         try:
-            one_pass(model, x_BSD, fp8, recompute, offload, device)  # warm-up (and kernel autotuning)
-            runs = [one_pass(model, x_BSD, fp8, recompute, offload, device) for _ in range(args.repeats)]
+            # fp8 and recompute are the layer's SavePolicy; the same seed gives every layer the same weights.
+            model = moe_layer(cfg, local, policy=SavePolicy(fp8=fp8, recompute=recompute)).to(device=device, dtype=dtype)
+            report["layer_parameters"] = sum(p.numel() for p in model.parameters())
+            one_pass(model, x_BSD, offload, device)  # warm-up (and kernel autotuning)
+            runs = [one_pass(model, x_BSD, offload, device) for _ in range(args.repeats)]
             result = {k: runs[-1][k] for k in runs[-1] if k != "seconds"}
             result["ms"] = 1e3 * statistics.median(r["seconds"] for r in runs)
             now = grads(model)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The run-to-run floor: index_add_ and the GEMMs may sum in a different order each
                 # pass (atomics on the GPU, threads on a CPU), so two plain runs can differ too.
                 reference = now
-                one_pass(model, x_BSD, fp8, recompute, offload, device)
+                one_pass(model, x_BSD, offload, device)
                 report["run_to_run"] = compare(reference, grads(model))
             result["gradients_vs_none"] = compare(reference, now)
         except Exception as err:  # one combination failing must not lose the others' numbers

@@ -18,6 +18,7 @@ from k2train.config.checks import micro_batches_per_step
 from k2train.config.schema import JobConfig
 from k2train.data.sampler import SequenceSampler
 from k2train.memory.offload import ActivationOffloader
+from k2train.memory.policy import SavePolicy
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
@@ -50,6 +51,10 @@ class RankModel(nn.Module):
     def moe_layer_ids(self) -> list[int]:
         return [i for part in self.parts for i in part.moe_layers()]
 
+    def moe_rows(self) -> list[int]:
+        """The row of each of this rank's MoE layers in the all-layer expert tables ([num_moe_layers, E])."""
+        return [i - part.cfg.first_dense_layers for part in self.parts for i in part.moe_layers()]
+
     def attention_modules(self):
         return [m for part in self.parts for m in part.attention_modules()]
 
@@ -64,7 +69,8 @@ class ParallelRunner:
         layout, coords = state.layout, state.coords
         self.split = choose_split(cfg, layout.num_stages, layout.pp)
         self.stage_indices = layout.stage_indices(coords.pp)
-        parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed)
+        parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed,
+                                   SavePolicy.from_config(cfg.memory))
         dtype = getattr(torch, cfg.train.param_dtype)
         # parallel.overlap (K2 §2.4): backwards take turns with forwards, their exchanges on a group of their own.
         check_overlap(cfg.parallel.overlap, layout.ep)
@@ -72,8 +78,6 @@ class ParallelRunner:
         backward_group = backward_expert_group(state) if self.turns is not None else None
         for part in parts:
             part.to(device=state.device, dtype=dtype)
-            part.use_fp8_activation_storage(cfg.memory.fp8_activations)
-            part.use_selective_recompute(cfg.memory.selective_recompute)
             apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group, self.turns,
                                   state.collectives)
         self.model = RankModel(parts)
@@ -220,8 +224,7 @@ class ParallelRunner:
         max_logits_LH = torch.full((model_cfg.num_layers, model_cfg.num_heads), float("-inf"), device=device)
         max_logits_LH[self.model.layer_ids()] = local_max_logits_LH.to(device)
         counts_ME = torch.zeros(model_cfg.num_moe_layers, model_cfg.num_experts, dtype=torch.float64, device=device)
-        moe_rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
-        counts_ME[moe_rows] = local_counts_ME.to(device=device, dtype=torch.float64)
+        counts_ME[self.model.moe_rows()] = local_counts_ME.to(device=device, dtype=torch.float64)
         last = len(self.split) - 1 in self.stage_indices
         loss_terms = torch.tensor([loss_sum.item(), self.micro_batches if last else 0], dtype=torch.float64, device=device)
         sums = torch.cat([loss_terms, counts_ME.flatten()])
@@ -305,17 +308,15 @@ class ParallelRunner:
     def update_router_biases(self, counts_ME: torch.Tensor) -> None:
         """Move this rank's router biases by the step's global loads."""
         model_cfg = self.cfg.model
-        rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
-        for bias_E, row in zip(self.model.router_biases(), rows, strict=True):
+        for bias_E, row in zip(self.model.router_biases(), self.model.moe_rows(), strict=True):
             update_router_bias_(bias_E, counts_ME[row].to(bias_E.device), model_cfg.router_bias_update_rate)
 
     @torch.no_grad()
     def router_bias_means(self) -> list[float]:
         """Mean |bias| of every MoE layer of the model (each rank contributes its own layers)."""
         model_cfg = self.cfg.model
-        rows = [i - model_cfg.first_dense_layers for i in self.model.moe_layer_ids()]
         means = torch.full((model_cfg.num_moe_layers,), float("-inf"), dtype=torch.float64, device=self.state.device)
-        for bias_E, row in zip(self.model.router_biases(), rows):
+        for bias_E, row in zip(self.model.router_biases(), self.model.moe_rows()):
             means[row] = bias_E.abs().mean().double()
         if self.state.is_distributed:
             self.state.collectives.all_reduce(means, op=dist.ReduceOp.MAX)  # replicas hold identical biases

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from k2train.config.schema import ModelConfig
+from k2train.memory.policy import SavePolicy
 from k2train.model.moe import MoE, Experts, Router
 
 CFG = ModelConfig(hidden_size=64, moe_intermediate_size=32, num_experts=8, experts_per_token=3)
@@ -37,10 +38,9 @@ def _forbid_read_backs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _moe(fp8: bool, recompute: bool) -> MoE:
     torch.manual_seed(0)
-    moe = MoE(CFG)
+    moe = MoE(CFG, policy=SavePolicy(fp8=fp8, recompute=recompute))
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    moe.experts.fp8_storage, moe.experts.recompute = fp8, recompute
     return moe
 
 

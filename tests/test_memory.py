@@ -8,6 +8,7 @@ import torch
 
 from k2train.config.schema import ModelConfig
 from k2train.memory import saved_bytes
+from k2train.memory.policy import SavePolicy
 from k2train.model import K2Model
 
 CFG = ModelConfig(num_layers=3, first_dense_layers=1, hidden_size=128, moe_intermediate_size=64,
@@ -22,8 +23,7 @@ def _run(model: K2Model, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, 
 
 
 def test_fp8_storage_keeps_the_forward_and_bounds_the_gradients():
-    plain, fp8 = K2Model(CFG, seed=1), K2Model(CFG, seed=1)
-    fp8.use_fp8_activation_storage()
+    plain, fp8 = K2Model(CFG, seed=1), K2Model(CFG, seed=1, policy=SavePolicy(fp8=True))
     tokens = torch.randint(0, CFG.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     logits_plain, grads_plain = _run(plain, tokens)
     logits_fp8, grads_fp8 = _run(fp8, tokens)
@@ -40,15 +40,13 @@ def test_fp8_storage_saves_fewer_bytes_for_backward():
     tokens = torch.randint(0, CFG.vocab_size, (2, 64))
     counts = {}
     for enabled in (False, True):
-        model = K2Model(CFG, seed=1)
-        model.use_fp8_activation_storage(enabled)
+        model = K2Model(CFG, seed=1, policy=SavePolicy(fp8=enabled))
         counts[enabled] = saved_bytes(lambda t: model(t).output, tokens, exclude=list(model.parameters()))
     assert counts[True] < 0.9 * counts[False], counts
 
 
 def test_loop_reference_experts_ignore_the_flag():
-    model = K2Model(dataclasses.replace(CFG, expert_impl="loop"), seed=1)
-    model.use_fp8_activation_storage()
+    model = K2Model(dataclasses.replace(CFG, expert_impl="loop"), seed=1, policy=SavePolicy(fp8=True))
     tokens = torch.randint(0, CFG.vocab_size, (1, 16))
     assert torch.equal(model(tokens).output, K2Model(dataclasses.replace(CFG, expert_impl="loop"), seed=1)(tokens).output)
 
@@ -56,10 +54,8 @@ def test_loop_reference_experts_ignore_the_flag():
 def test_selective_recompute_keeps_the_gradients_and_saves_less():
     tokens = torch.randint(0, CFG.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
     for fp8 in (False, True):
-        plain, recomputing = K2Model(CFG, seed=2), K2Model(CFG, seed=2)
-        for model in (plain, recomputing):
-            model.use_fp8_activation_storage(fp8)
-        recomputing.use_selective_recompute()
+        plain = K2Model(CFG, seed=2, policy=SavePolicy(fp8=fp8))
+        recomputing = K2Model(CFG, seed=2, policy=SavePolicy(fp8=fp8, recompute=True))
         logits_plain, grads_plain = _run(plain, tokens)
         logits_re, grads_re = _run(recomputing, tokens)
         assert torch.equal(logits_plain, logits_re)
@@ -74,9 +70,7 @@ def test_selective_recompute_keeps_the_gradients_and_saves_less():
                 assert torch.equal(grad, grads_re[name]), (fp8, name)
     counts = {}
     for fp8, recompute in [(False, False), (False, True), (True, False), (True, True)]:
-        model = K2Model(CFG, seed=2)
-        model.use_fp8_activation_storage(fp8)
-        model.use_selective_recompute(recompute)
+        model = K2Model(CFG, seed=2, policy=SavePolicy(fp8=fp8, recompute=recompute))
         counts[fp8, recompute] = saved_bytes(lambda t: model(t).output, tokens, exclude=list(model.parameters()))
     assert counts[False, True] < 0.8 * counts[False, False], counts
     # Each feature saves on its own, and together they save the most.

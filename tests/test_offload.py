@@ -11,6 +11,7 @@ import torch
 from k2train.config.schema import ModelConfig
 from k2train.memory import saved_bytes
 from k2train.memory.offload import ActivationOffloader
+from k2train.memory.policy import SavePolicy
 from k2train.memory.saved import DEVICE, OFFLOADED, SavedActivations
 from k2train.model import K2Model
 from k2train.model.rope import rope_cos_sin
@@ -23,10 +24,7 @@ FEATURES = [(False, False), (True, False), (False, True), (True, True)]  # (fp8,
 
 
 def _model(fp8: bool, recompute: bool) -> K2Model:
-    model = K2Model(CFG, seed=1)
-    model.use_fp8_activation_storage(fp8)
-    model.use_selective_recompute(recompute)
-    return model
+    return K2Model(CFG, seed=1, policy=SavePolicy(fp8=fp8, recompute=recompute))
 
 
 def _train_pass(model: K2Model, tokens: torch.Tensor, offload: bool, micro_batches: int = 2):

@@ -22,6 +22,7 @@ import torch
 from k2train.config.load import load_config
 from k2train.config.schema import ModelConfig
 from k2train.memory import saved_bytes
+from k2train.memory.policy import SavePolicy
 from k2train.model import K2Model, ModelPart, count_parameters
 from multiproc import run_world
 from parallel.layout import make_layout
@@ -45,9 +46,8 @@ STAGES = [(range(0, 1), False, False), (range(1, 2), False, False), (range(0, 2)
 def _measured(cfg: ModelConfig, layers: range, embedding: bool, head: bool, fp8: bool, recompute: bool,
               dtype: torch.dtype, batch: int = 2, seq: int = 20) -> int:
     """saved_bytes of one stage's forward (and loss), without its input, tokens and labels."""
-    model = K2Model(cfg, ModelPart(layers, embedding=embedding, head=head), seed=0).to(dtype)
-    model.use_fp8_activation_storage(fp8)
-    model.use_selective_recompute(recompute)
+    policy = SavePolicy(fp8=fp8, recompute=recompute)
+    model = K2Model(cfg, ModelPart(layers, embedding=embedding, head=head), seed=0, policy=policy).to(dtype)
     gen = torch.Generator().manual_seed(0)
     x = (torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen) if embedding
          else torch.randn(batch, seq, cfg.hidden_size, generator=gen).to(dtype).requires_grad_())

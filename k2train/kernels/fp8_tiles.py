@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from k2train.memory.fp8 import E4M3_MAX, FP8_DTYPE, SCALE_FLOOR
+from k2train.kernels.fp8_format import E4M3_MAX, FP8_DTYPE, SCALE_FLOOR
 
 _E4M3_MAX = tl.constexpr(float(E4M3_MAX))
 _SCALE_FLOOR = tl.constexpr(float(SCALE_FLOOR))

@@ -4,8 +4,9 @@ K2 keeps the inputs of the MoE up-projections and of SwiGLU for backward as FP8-
 with one FP32 scale per tile, while every GEMM stays in the compute dtype (BF16): only what waits for
 backward is compressed. This file holds the building blocks:
 
-- `quantize_tiles` / `dequantize_tiles`: the tile format; the pure torch code here is the reference,
-  and on a GPU fused Triton kernels (k2train/kernels/fp8_tiles.py) produce the same bits;
+- `quantize_tiles` / `dequantize_tiles`: the tile format (its constants in k2train/kernels/fp8_format.py);
+  the pure torch code here is the reference, and on a GPU fused Triton kernels
+  (k2train/kernels/fp8_tiles.py) produce the same bits;
 - `fp8_saved_linear`, `fp8_saved_swiglu`, `fp8_saved_grouped_mm`: autograd functions whose forward
   is the plain op, bit for bit, and which save their activation inputs as FP8 tiles;
 - `saved_bytes`: the exact count of bytes autograd keeps for backward, taken by saved-tensor hooks.
@@ -42,11 +43,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from k2train.kernels import use_triton
+from k2train.kernels.fp8_format import E4M3_MAX, FP8_DTYPE, SCALE_FLOOR, TILE
 
-FP8_DTYPE = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
-SCALE_FLOOR = torch.finfo(torch.float32).tiny  # 2^-126, the smallest normal FP32
-TILE = 128  # K2 §2.4.3: 1×128 tiles
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -158,7 +156,7 @@ def quantize_shared_input(x: torch.Tensor, *weights: torch.Tensor, tile: int = T
         return quantize_tiles(x, tile)
 
 
-def _unpack(data: torch.Tensor | None, scales: torch.Tensor | None, dtype: torch.dtype, tile: int) -> torch.Tensor:
+def unpack_saved(data: torch.Tensor | None, scales: torch.Tensor | None, dtype: torch.dtype, tile: int) -> torch.Tensor:
     """Rebuild a saved activation in the compute dtype from what `save_for_backward` kept."""
     assert data is not None and scales is not None, "the FP8 copy was not saved although a gradient needs it"
     return dequantize_tiles(Fp8Tiles(data, scales, dtype, tile))
@@ -182,12 +180,12 @@ class _Fp8SavedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y.matmul(weight)  # exact: what autograd computes for F.linear
         if ctx.needs_input_grad[1]:
-            x = _unpack(data, scales, ctx.x_dtype, ctx.tile)
+            x = unpack_saved(data, scales, ctx.x_dtype, ctx.tile)
             grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
         return grad_x, grad_w, None, None
 
 
-def _swiglu_grads(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dtypes) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_grads(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dtypes) -> tuple[torch.Tensor, torch.Tensor]:
     """d/dgate and d/dup of silu(gate)·up at float32 gate and up, rounded once to each input's dtype."""
     grad = grad_h.float()
     sig = torch.sigmoid(gate)
@@ -212,9 +210,9 @@ class _Fp8SavedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_h: torch.Tensor):
         g_data, g_scales, u_data, u_scales = ctx.saved_tensors
         # Elementwise math in FP32 (no GEMM here), rounded once to each input's dtype.
-        gate = _unpack(g_data, g_scales, torch.float32, ctx.tile)
-        up = _unpack(u_data, u_scales, torch.float32, ctx.tile)
-        grad_gate, grad_up = _swiglu_grads(grad_h, gate, up, ctx.dtypes)
+        gate = unpack_saved(g_data, g_scales, torch.float32, ctx.tile)
+        up = unpack_saved(u_data, u_scales, torch.float32, ctx.tile)
+        grad_gate, grad_up = swiglu_grads(grad_h, gate, up, ctx.dtypes)
         return grad_gate if ctx.needs_input_grad[0] else None, grad_up if ctx.needs_input_grad[1] else None, None
 
 
@@ -237,7 +235,7 @@ class _Fp8SavedGroupedMm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch._grouped_mm(grad_NI, w_EDI.transpose(-2, -1), offs=offs)
         if ctx.needs_input_grad[1]:
-            x_ND = _unpack(data, scales, ctx.x_dtype, ctx.tile)
+            x_ND = unpack_saved(data, scales, ctx.x_dtype, ctx.tile)
             # Per group e: grad_w[e] = x_eᵀ grad_e, formed in the weight's own memory order as
             # torch's _grouped_mm backward does (same GEMMs, so the same bits on the same inputs).
             if w_EDI.stride(-2) > w_EDI.stride(-1):

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from k2train.memory.fp8 import TILE, _swiglu_grads, _unpack, quantize_tiles
+from k2train.kernels.fp8_format import TILE
+from k2train.memory.fp8 import quantize_tiles, swiglu_grads, unpack_saved
 
 
 class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
@@ -39,8 +40,8 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
     @once_differentiable  # the backward uses dequantised copies: no double backward
     def backward(ctx, grad_out: torch.Tensor):
         g_data, g_scales, u_data, u_scales, w_down, offs = ctx.saved_tensors
-        gate = _unpack(g_data, g_scales, torch.float32, ctx.tile)
-        up = _unpack(u_data, u_scales, torch.float32, ctx.tile)
+        gate = unpack_saved(g_data, g_scales, torch.float32, ctx.tile)
+        up = unpack_saved(u_data, u_scales, torch.float32, ctx.tile)
         hidden = (F.silu(gate) * up).to(ctx.dtypes[0])  # the down-projection's input, recomputed
         grad_w = None
         if ctx.grouped:
@@ -56,7 +57,7 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
             grad_h = grad_out.matmul(w_down)
             if ctx.needs_input_grad[2]:
                 grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(hidden.reshape(-1, hidden.shape[-1]))
-        grad_gate, grad_up = _swiglu_grads(grad_h, gate, up, ctx.dtypes)
+        grad_gate, grad_up = swiglu_grads(grad_h, gate, up, ctx.dtypes)
         return grad_gate, grad_up, grad_w, None, None
 
 

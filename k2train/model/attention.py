@@ -15,6 +15,7 @@ from torch import nn
 
 from k2train.config.schema import ModelConfig
 from k2train.kernels import use_triton
+from k2train.memory.policy import SavePolicy
 from k2train.memory.recompute import recomputed
 from k2train.model.norm import RMSNorm
 from k2train.model.rope import apply_rope
@@ -61,7 +62,7 @@ class MLA(nn.Module):
     [k nope (dn) | value (dv)] x H. kv_a_proj_with_mqa yields [latent (kv_lora_rank) | shared rope key (dr)].
     """
 
-    def __init__(self, cfg: ModelConfig, softmax_scale: float):
+    def __init__(self, cfg: ModelConfig, softmax_scale: float, policy: SavePolicy = SavePolicy()):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
@@ -71,13 +72,13 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale
         qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
-        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, policy)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.num_heads * qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, policy)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
-        self.recompute = False
+        self.policy = policy
 
     def forward(
         self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor
@@ -88,12 +89,12 @@ class MLA(nn.Module):
         # The up-projections (latent norm + q_b / kv_b) are cheap and their outputs large: with
         # memory.selective_recompute only the low-rank latents are kept for backward (K2 §2.4.3).
         q_latent = self.q_a_proj(x_BSD)
-        q_BHSK = recomputed(self.recompute, _up_project, q_latent, self.q_a_layernorm, self.q_b_proj)
+        q_BHSK = recomputed(self.policy.recompute, _up_project, q_latent, self.q_a_layernorm, self.q_b_proj)
         q_BHSK = q_BHSK.view(B, S, H, dn + dr).transpose(1, 2)
         q_nope, q_rope = q_BHSK.split([dn, dr], dim=-1)
 
         latent, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, dr], dim=-1)
-        kv_BHSK = recomputed(self.recompute, _up_project, latent, self.kv_a_layernorm, self.kv_b_proj)
+        kv_BHSK = recomputed(self.policy.recompute, _up_project, latent, self.kv_a_layernorm, self.kv_b_proj)
         kv_BHSK = kv_BHSK.view(B, S, H, dn + dv).transpose(1, 2)
         k_nope, v_BHSV = kv_BHSK.split([dn, dv], dim=-1)
 

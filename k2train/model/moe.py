@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2train.config.schema import ModelConfig
-from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_swiglu, quantize_shared_input
-from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down
-from k2train.memory.recompute import recomputed
+from k2train.memory.policy import SavePolicy, swiglu_ffn
 from k2train.model.ffn import SwiGLU
 
 
@@ -58,9 +56,11 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Routed SwiGLU experts first_expert .. first_expert+num_local-1, stored as 3-D tensors
-    [E_local, out, in] (each slice is one expert's matrix, as in the checkpoint)."""
+    [E_local, out, in] (each slice is one expert's matrix, as in the checkpoint). `policy` (K2 §2.4.3):
+    what the grouped path saves for backward."""
 
-    def __init__(self, cfg: ModelConfig, first_expert: int = 0, num_local: int | None = None):
+    def __init__(self, cfg: ModelConfig, first_expert: int = 0, num_local: int | None = None,
+                 policy: SavePolicy = SavePolicy()):
         super().__init__()
         E = cfg.num_experts if num_local is None else num_local
         D, I = cfg.hidden_size, cfg.moe_intermediate_size
@@ -69,10 +69,7 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.impl = cfg.expert_impl
-        # memory.fp8_activations (K2 §2.4.3): the up-projection and SwiGLU inputs wait for backward as FP8.
-        self.fp8_storage = False
-        # memory.selective_recompute (K2 §2.4.3): SwiGLU and the down-projection run again in backward.
-        self.recompute = False
+        self.policy = policy
 
     @property
     def num_local(self) -> int:
@@ -84,21 +81,7 @@ class Experts(nn.Module):
             return self.forward_loop(x_ND, counts_E)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         gate_EDI, up_EDI = self.gate_proj.transpose(-2, -1), self.up_proj.transpose(-2, -1)
-        if self.fp8_storage:
-            # x is quantised once and saved once for both projections.
-            x_fp8 = quantize_shared_input(x_ND, self.gate_proj, self.up_proj)
-            gate_NI = fp8_saved_grouped_mm(x_ND, gate_EDI, offsets_E, shared=x_fp8)
-            up_NI = fp8_saved_grouped_mm(x_ND, up_EDI, offsets_E, shared=x_fp8)
-        else:
-            gate_NI, up_NI = _grouped_mm(x_ND, gate_EDI, offsets_E), _grouped_mm(x_ND, up_EDI, offsets_E)
-        if self.recompute and self.fp8_storage:
-            # Both features (K2 §2.4.3): only FP8 gate and up wait; SwiGLU and down run again from them.
-            return fp8_recomputed_swiglu_down(gate_NI, up_NI, self.down_proj.transpose(-2, -1), offsets_E)
-        return recomputed(self.recompute, self._activate_down, gate_NI, up_NI, offsets_E)
-
-    def _activate_down(self, gate_NI: torch.Tensor, up_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        hidden_NI = fp8_saved_swiglu(gate_NI, up_NI) if self.fp8_storage else F.silu(gate_NI) * up_NI
-        return torch._grouped_mm(hidden_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)
+        return swiglu_ffn(self.policy, x_ND, gate_EDI, up_EDI, self.down_proj.transpose(-2, -1), offsets_E)
 
     def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The reference: one plain SwiGLU per expert over its rows."""
@@ -107,10 +90,6 @@ class Experts(nn.Module):
             h_MI = F.silu(x_MD @ self.gate_proj[e].T) * (x_MD @ self.up_proj[e].T)
             outputs.append(h_MI @ self.down_proj[e].T)
         return torch.cat(outputs)
-
-
-def _grouped_mm(x_ND: torch.Tensor, w_EDI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(x_ND, w_EDI, offs=offsets_E)
 
 
 class ExpertExchange(Protocol):
@@ -127,12 +106,13 @@ def local_exchange(x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts)
 class MoE(nn.Module):
     """x_BSD -> (y_BSD, counts_E): routed experts plus always-on shared experts."""
 
-    def __init__(self, cfg: ModelConfig, first_expert: int = 0, num_local_experts: int | None = None):
+    def __init__(self, cfg: ModelConfig, first_expert: int = 0, num_local_experts: int | None = None,
+                 policy: SavePolicy = SavePolicy()):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg, first_expert, num_local_experts)
+        self.experts = Experts(cfg, first_expert, num_local_experts, policy)
         self.shared_experts = (
-            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts, policy)
             if cfg.num_shared_experts > 0
             else None
         )

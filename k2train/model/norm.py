@@ -3,18 +3,19 @@
 import torch
 from torch import nn
 
+from k2train.memory.policy import SavePolicy
 from k2train.memory.recompute import recomputed
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, policy: SavePolicy = SavePolicy()):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.recompute = False  # memory.selective_recompute: keep only x for backward
+        self.policy = policy  # memory.selective_recompute: keep only x for backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return recomputed(self.recompute, self._normalise, x)
+        return recomputed(self.policy.recompute, self._normalise, x)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x_f32 = x.float()

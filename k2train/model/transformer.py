@@ -1,7 +1,8 @@
 """The K2 decoder: embedding, pre-norm MLA + (dense | MoE) blocks, final norm, untied head.
 
 The model is free of torch.distributed: pipeline and expert parallelism are applied to it from
-`parallel/`. A block returns its statistics (per-head max logits, expert loads) next to its output
+`parallel/`. What waits for backward (FP8 storage, selective recomputation; K2 §2.4.3) is a frozen
+`SavePolicy` given when the model is built and read by its modules. A block returns its statistics (per-head max logits, expert loads) next to its output
 so a pipeline stage can collect them without hooks.
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from k2train.config.schema import ModelConfig
+from k2train.memory.policy import SavePolicy
 from k2train.model.attention import MLA
 from k2train.model.ffn import SwiGLU
 from k2train.model.init import normal_init_
@@ -52,16 +54,17 @@ class ModelPart:
 class Block(nn.Module):
     """Pre-norm decoder layer: x + MLA(norm(x)), then x + FFN(norm(x)), FFN dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, first_expert: int = 0, num_local_experts: int | None = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, first_expert: int = 0, num_local_experts: int | None = None,
+                 policy: SavePolicy = SavePolicy()):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, softmax_scale(cfg))
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
+        self.self_attn = MLA(cfg, softmax_scale(cfg), policy)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
         self.is_moe = layer_idx >= cfg.first_dense_layers
         self.mlp = (
-            MoE(cfg, first_expert, num_local_experts)
+            MoE(cfg, first_expert, num_local_experts, policy)
             if self.is_moe
-            else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
+            else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size, policy)
         )
 
     def forward(
@@ -82,20 +85,27 @@ class K2Model(nn.Module):
     tokens_BS (or x_BSD for a part without the embedding) -> ModelOutput. Parameter names match
     DeepseekV3 without the `model.` prefix, also in a part (`layers.{i}` keeps the global index),
     and initial values depend only on (seed, name), so every layout starts from the same weights.
+
+    `policy` (memory.fp8_activations, memory.selective_recompute; K2 §2.4.3): every SwiGLU (dense,
+    shared expert) and the routed experts keep their up-projection and SwiGLU inputs for backward as
+    FP8-E4M3 1x128 tiles; RMSNorms, SwiGLU with the down-projections and the MLA up-projections keep
+    only their inputs and run again in backward. The default saves everything in the compute dtype.
     """
 
-    def __init__(self, cfg: ModelConfig, part: ModelPart | None = None, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, part: ModelPart | None = None, seed: int = 0,
+                 policy: SavePolicy = SavePolicy()):
         super().__init__()
         check_grouped_mm_alignment(cfg)
         self.cfg = cfg
         self.part = ModelPart.whole(cfg) if part is None else part
         self.seed = seed
+        self.policy = policy
         p = self.part
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if p.embedding else None
         self.layers = nn.ModuleDict(
-            {str(i): Block(cfg, i, p.first_expert, p.num_local_experts) for i in p.layers}
+            {str(i): Block(cfg, i, p.first_expert, p.num_local_experts, policy) for i in p.layers}
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if p.head else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy) if p.head else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if p.head else None
         inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
@@ -132,20 +142,6 @@ class K2Model(nn.Module):
             torch.stack(counts) if counts else torch.zeros(0, self.cfg.num_experts, dtype=torch.int64, device=device)
         )
         return ModelOutput(out, max_logits_LH, counts_ME)
-
-    def use_fp8_activation_storage(self, enabled: bool = True) -> None:
-        """memory.fp8_activations: every SwiGLU (dense, shared expert) and the routed experts keep
-        their up-projection and SwiGLU inputs for backward as FP8-E4M3 1x128 tiles."""
-        for module in self.modules():
-            if hasattr(module, "fp8_storage"):
-                module.fp8_storage = enabled
-
-    def use_selective_recompute(self, enabled: bool = True) -> None:
-        """memory.selective_recompute: RMSNorms, SwiGLU with the down-projections (dense, shared and
-        routed experts) and the MLA up-projections keep only their inputs and run again in backward."""
-        for module in self.modules():
-            if hasattr(module, "recompute"):
-                module.recompute = enabled
 
     def moe_layers(self) -> list[int]:
         """Global indices of this part's MoE layers, in order."""

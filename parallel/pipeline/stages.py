@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.pipelining import ScheduleInterleavedZeroBubble
 
 from k2train.config.schema import ModelConfig
+from k2train.memory.policy import SavePolicy
 from k2train.memory.saved import SavedActivations
 from k2train.model import K2Model, ModelPart
 from parallel.pipeline.overlap import Turns
@@ -95,9 +96,11 @@ class StageModule(nn.Module):
 
 
 def build_stage_models(
-    cfg: ModelConfig, split: list[range], stage_indices: Sequence[int], ep_rank: int, ep_size: int, seed: int
+    cfg: ModelConfig, split: list[range], stage_indices: Sequence[int], ep_rank: int, ep_size: int, seed: int,
+    policy: SavePolicy = SavePolicy(),
 ) -> list[K2Model]:
-    """The model parts of this rank's virtual stages, holding its EP slice of the experts."""
+    """The model parts of this rank's virtual stages, holding its EP slice of the experts, saving
+    for backward what `policy` says."""
     num_local = cfg.num_experts // ep_size
     return [
         K2Model(
@@ -105,6 +108,7 @@ def build_stage_models(
             ModelPart(split[s], embedding=s == 0, head=s == len(split) - 1,
                       first_expert=ep_rank * num_local, num_local_experts=num_local),
             seed=seed,
+            policy=policy,
         )
         for s in stage_indices
     ]

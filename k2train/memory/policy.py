@@ -1,0 +1,77 @@
+"""What waits for backward, decided once per model, and the SwiGLU feed-forward that follows it (K2 §2.4.3).
+
+`SavePolicy` names the two activation-memory features a model uses: FP8 storage of the
+up-projection and SwiGLU inputs (memory.fp8_activations) and selective recomputation
+(memory.selective_recompute). It is frozen, decided from the memory config and handed to the model
+when the model is built; every module reads it as it computes, and nothing is switched on a built
+model.
+
+`swiglu_ffn` is the one place where the two features meet in a feed-forward: the dense SwiGLU
+(dense layers, shared experts; F.linear) and the routed experts (torch._grouped_mm over rows sorted
+by expert) both run it, and each combination saves:
+- neither: x, gate, up and the SwiGLU output, in the compute dtype;
+- fp8: x once (shared by gate and up), gate and up as FP8 tiles; the SwiGLU output as is;
+- recompute: x, gate and up; SwiGLU and the down-projection run again in backward;
+- both: x, gate and up as FP8 tiles only; SwiGLU and down run again from them (fp8_recompute.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from k2train.config.schema import MemoryConfig
+from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_linear, fp8_saved_swiglu, quantize_shared_input
+from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down
+from k2train.memory.recompute import recomputed
+
+
+@dataclass(frozen=True)
+class SavePolicy:
+    """Which activation-memory features a model's modules use (K2 §2.4.3); the default is neither."""
+
+    fp8: bool = False  # memory.fp8_activations: the up-projection and SwiGLU inputs wait as FP8 tiles
+    recompute: bool = False  # memory.selective_recompute: cheap, large stages run again in backward
+
+    @classmethod
+    def from_config(cls, memory: MemoryConfig) -> SavePolicy:
+        return cls(fp8=memory.fp8_activations, recompute=memory.selective_recompute)
+
+
+def swiglu_ffn(policy: SavePolicy, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+               w_down: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)), saving for backward what `policy` says.
+
+    Dense (offs None): x [..., D]; w_gate, w_up [I, D] and w_down [D, I] (nn.Linear weights) -> [..., D].
+    Grouped (routed experts): x [N, D] sorted by expert; w_gate, w_up [E, D, I] and w_down [E, I, D]
+    (transposed views of the [E, out, in] stacks); offs int32 cumulative rows per expert -> [N, D].
+    """
+    if policy.fp8:
+        # x is quantised once and saved once for both projections.
+        x_fp8 = quantize_shared_input(x, w_gate, w_up)
+        gate, up = _fp8_project(x, w_gate, offs, x_fp8), _fp8_project(x, w_up, offs, x_fp8)
+    else:
+        gate, up = _project(x, w_gate, offs), _project(x, w_up, offs)
+    if policy.recompute and policy.fp8:
+        # Both features (K2 §2.4.3): only FP8 gate and up wait; SwiGLU and down run again from them.
+        return fp8_recomputed_swiglu_down(gate, up, w_down, offs)
+    # The region's inputs are the activations only: the weights live anyway and are read inside.
+    activate_down = partial(_activate_down, policy.fp8, w_down)
+    return recomputed(policy.recompute, activate_down, *((gate, up) if offs is None else (gate, up, offs)))
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w) if offs is None else torch._grouped_mm(x, w, offs=offs)
+
+
+def _fp8_project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None, x_fp8) -> torch.Tensor:
+    return fp8_saved_linear(x, w, shared=x_fp8) if offs is None else fp8_saved_grouped_mm(x, w, offs, shared=x_fp8)
+
+
+def _activate_down(fp8: bool, w_down: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                   offs: torch.Tensor | None = None) -> torch.Tensor:
+    hidden = fp8_saved_swiglu(gate, up) if fp8 else F.silu(gate) * up
+    return _project(hidden, w_down, offs)
