@@ -175,33 +175,33 @@ def _special_rows(device: torch.device) -> torch.Tensor:
 
 def _fp8_checks(x: torch.Tensor) -> dict:
     """The fused kernels against the eager reference, bit for bit (NaN bytes and NaN scales included)."""
-    from k2train.memory.fp8 import _dequantize_tiles_eager, _quantize_tiles_eager, dequantize_tiles, quantize_tiles
+    from k2train.memory.fp8 import dequantize_tiles_eager, quantize_tiles_eager, dequantize_tiles, quantize_tiles
 
     checks = {}
     for name, t in (("random", x), ("special_values", _special_rows(x.device))):
-        fast, ref = quantize_tiles(t), _quantize_tiles_eager(t, 128)
+        fast, ref = quantize_tiles(t), quantize_tiles_eager(t, 128)
         checks[f"{name}_data_bits_equal"] = torch.equal(fast.data.view(torch.uint8), ref.data.view(torch.uint8))
         checks[f"{name}_scales_equal"] = bool(torch.isclose(fast.scales, ref.scales, 0, 0, equal_nan=True).all())
-        back, back_ref = dequantize_tiles(ref), _dequantize_tiles_eager(ref)
+        back, back_ref = dequantize_tiles(ref), dequantize_tiles_eager(ref)
         checks[f"{name}_dequantized_equal"] = bool(torch.isclose(back, back_ref, 0, 0, equal_nan=True).all())
     return checks
 
 
 def fp8_tiles(b: Bench) -> dict:
-    from k2train.memory.fp8 import (_dequantize_tiles_eager, _fp8_kernels_serve, _quantize_tiles_eager,
+    from k2train.memory.fp8 import (dequantize_tiles_eager, fp8_kernels_serve, quantize_tiles_eager,
                                     dequantize_tiles, quantize_tiles)
 
     M, K = b.sizes.fp8
     x = b.randn(M, K)
     tiles = quantize_tiles(x)
     moved = x.nbytes + tiles.nbytes  # quantise reads x, writes data + scales; dequantise the reverse
-    ms = dict(quantize=b.time_ms(lambda: quantize_tiles(x)), quantize_eager=b.time_ms(lambda: _quantize_tiles_eager(x, 128)),
+    ms = dict(quantize=b.time_ms(lambda: quantize_tiles(x)), quantize_eager=b.time_ms(lambda: quantize_tiles_eager(x, 128)),
               dequantize=b.time_ms(lambda: dequantize_tiles(tiles)),
-              dequantize_eager=b.time_ms(lambda: _dequantize_tiles_eager(tiles)))
+              dequantize_eager=b.time_ms(lambda: dequantize_tiles_eager(tiles)))
     gbs = {key: moved / t / 1e6 for key, t in ms.items()}
     rows = [_vs_limit(f"FP8 1x128 {op} {M}x{K} bf16", "GB/s", gbs[op], gbs[f"{op}_eager"], ("copy", b.copy_gbs), 0.85)
             for op in ("quantize", "dequantize")]
-    return dict(shape=[M, K], fused_kernels=_fp8_kernels_serve(x), bytes_moved=moved, ms=ms, gbs=gbs,
+    return dict(shape=[M, K], fused_kernels=fp8_kernels_serve(x), bytes_moved=moved, ms=ms, gbs=gbs,
                 checks=_fp8_checks(x), rows=rows)
 
 

@@ -25,7 +25,7 @@ import torch
 from triton_interpret import run_interpreted
 
 from k2train.memory import fp8
-from k2train.memory.fp8 import Fp8Tiles, _dequantize_tiles_eager, _quantize_tiles_eager
+from k2train.memory.fp8 import Fp8Tiles, dequantize_tiles_eager, quantize_tiles_eager
 
 FMAX = torch.finfo(torch.float32).max
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,7 +113,7 @@ def _run_kernels(path: str) -> None:
         results["q", name] = quantize_tiles_triton(*case())
     for name, case in DEQUANTIZE.items():
         x, tile = case()
-        ref = _quantize_tiles_eager(x, tile)
+        ref = quantize_tiles_eager(x, tile)
         for dtype in OUT_DTYPES:
             results["dq", name, dtype] = dequantize_tiles_triton(ref.data, ref.scales, tile, dtype)
     torch.save(results, path)
@@ -133,7 +133,7 @@ def _assert_same_tiles(kernel: dict, name: str) -> tuple[torch.Tensor, torch.Ten
     except where the reference holds NaN (which the interpreter cannot encode)."""
     x, tile = QUANTIZE[name]()
     data, scales = kernel["q", name]
-    ref = _quantize_tiles_eager(x, tile)
+    ref = quantize_tiles_eager(x, tile)
     assert data.dtype == fp8.FP8_DTYPE and data.shape == ref.data.shape
     assert scales.dtype == torch.float32 and scales.shape == ref.scales.shape
     torch.testing.assert_close(scales, ref.scales, rtol=0, atol=0, equal_nan=True)
@@ -165,8 +165,8 @@ def test_special_values(kernel):
     # Dequantising the kernel's tiles with the reference: every finite tile equals the reference's
     # round trip; a non-finite tile stays non-finite (NaN throughout on the GPU; here the bytes the
     # interpreter wrote for NaN are finite, so an inf input comes back as ±inf times its byte).
-    back = _dequantize_tiles_eager(Fp8Tiles(data, scales, torch.float32, 128))
-    expected = _dequantize_tiles_eager(ref)
+    back = dequantize_tiles_eager(Fp8Tiles(data, scales, torch.float32, 128))
+    expected = dequantize_tiles_eager(ref)
     non_finite = ~torch.isfinite(scales).repeat_interleave(128, dim=-1)
     assert torch.isnan(expected[non_finite]).all() and not torch.isfinite(back[non_finite]).any()
     assert torch.equal(back[~non_finite], expected[~non_finite])
@@ -181,16 +181,16 @@ def _bf16_roundings(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", list(DEQUANTIZE))
 def test_dequantize_equals_reference(kernel, name):
     x, tile = DEQUANTIZE[name]()
-    ref = _quantize_tiles_eager(x, tile)
+    ref = quantize_tiles_eager(x, tile)
     finite = torch.isfinite(ref.scales).repeat_interleave(tile, dim=-1)[..., : x.shape[-1]]
     assert not finite.all()
 
-    exact = _dequantize_tiles_eager(ref, torch.float32)
+    exact = dequantize_tiles_eager(ref, torch.float32)
     got32 = kernel["dq", name, torch.float32]
     assert got32.shape == x.shape and torch.equal(got32[finite], exact[finite])
     assert not torch.isfinite(got32[~finite]).any()
     got16 = kernel["dq", name, torch.float16]
-    assert torch.equal(got16[finite], _dequantize_tiles_eager(ref, torch.float16)[finite])
+    assert torch.equal(got16[finite], dequantize_tiles_eager(ref, torch.float16)[finite])
     got_bf16 = kernel["dq", name, torch.bfloat16]
     nearest, truncated = _bf16_roundings(exact)
     assert ((got_bf16 == nearest) | (got_bf16 == truncated))[finite].all()
@@ -204,15 +204,15 @@ def test_empty_tensors_dequantize(name):
     from k2train.kernels.fp8_tiles import dequantize_tiles_triton
 
     x, tile = QUANTIZE[name]()
-    ref = _quantize_tiles_eager(x, tile)
+    ref = quantize_tiles_eager(x, tile)
     assert dequantize_tiles_triton(ref.data, ref.scales, tile, torch.bfloat16).shape == x.shape
 
 
 def test_cpu_tensors_take_the_eager_path():
     # The kernel is chosen by device: a CPU tensor never reaches Triton, whatever the environment.
-    assert not fp8._fp8_kernels_serve(torch.zeros(4, 128))
+    assert not fp8.fp8_kernels_serve(torch.zeros(4, 128))
     x = _randn(4, 300, seed=1)
-    assert torch.equal(fp8.quantize_tiles(x).scales, _quantize_tiles_eager(x, 128).scales)
+    assert torch.equal(fp8.quantize_tiles(x).scales, quantize_tiles_eager(x, 128).scales)
 
 
 if __name__ == "__main__":

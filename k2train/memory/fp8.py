@@ -71,7 +71,7 @@ class Fp8Tiles:
         return self.data.nbytes + self.scales.nbytes
 
 
-def _fp8_kernels_serve(t: torch.Tensor) -> bool:
+def fp8_kernels_serve(t: torch.Tensor) -> bool:
     """The fused Triton kernels (k2train/kernels/fp8_tiles.py) serve CUDA tensors on GPUs with FP8
     conversions (compute capability 8.9 and up: Ada, Hopper); everything else runs the eager code."""
     return use_triton(t) and torch.cuda.get_device_capability(t.device) >= (8, 9)
@@ -90,15 +90,15 @@ def quantize_tiles(x: torch.Tensor, tile: int = TILE) -> Fp8Tiles:
         raise ValueError(
             f"quantize_tiles needs a tensor with a last dim and tile > 0; got shape {tuple(x.shape)}, tile {tile}."
         )
-    if _fp8_kernels_serve(x):
+    if fp8_kernels_serve(x):
         from k2train.kernels.fp8_tiles import quantize_tiles_triton
 
         data, scales = quantize_tiles_triton(x, tile)
         return Fp8Tiles(data=data, scales=scales, dtype=x.dtype, tile=tile)
-    return _quantize_tiles_eager(x, tile)
+    return quantize_tiles_eager(x, tile)
 
 
-def _quantize_tiles_eager(x: torch.Tensor, tile: int) -> Fp8Tiles:
+def quantize_tiles_eager(x: torch.Tensor, tile: int) -> Fp8Tiles:
     """The reference of `quantize_tiles`, in plain torch (any device)."""
     K = x.shape[-1]
     num_tiles = math.ceil(K / tile)
@@ -118,14 +118,14 @@ def dequantize_tiles(t: Fp8Tiles, dtype: torch.dtype | None = None) -> torch.Ten
 
     The product q * scale is formed in FP32 and rounded once to the output dtype.
     """
-    if _fp8_kernels_serve(t.data):
+    if fp8_kernels_serve(t.data):
         from k2train.kernels.fp8_tiles import dequantize_tiles_triton
 
         return dequantize_tiles_triton(t.data, t.scales, t.tile, dtype or t.dtype)
-    return _dequantize_tiles_eager(t, dtype)
+    return dequantize_tiles_eager(t, dtype)
 
 
-def _dequantize_tiles_eager(t: Fp8Tiles, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_tiles_eager(t: Fp8Tiles, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The reference of `dequantize_tiles`, in plain torch (any device)."""
     K = t.data.shape[-1]
     scales = t.scales.repeat_interleave(t.tile, dim=-1)[..., :K]  # [..., K]: each element's scale

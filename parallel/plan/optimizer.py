@@ -46,7 +46,7 @@ class GroupAssignment:
 
 
 @dataclass(frozen=True)
-class RankPlan:
+class RankOwnership:
     """What one rank owns under ZeRO-1 and what it would keep without sharding."""
 
     rank: int
@@ -70,13 +70,13 @@ class OptimizerPlan:
     dense: dict[int, GroupAssignment]
     expert: dict[tuple[int, int], GroupAssignment]
 
-    def rank_plan(self, rank: int) -> RankPlan:
+    def rank_plan(self, rank: int) -> RankOwnership:
         """The owned share of `rank`: its index in its dense group and in its expert_grad group."""
         c = self.layout.coords(rank)
         dense, expert = self.dense[c.pp], self.expert[(c.pp, c.ep)]
         d = self.layout.dense_group(rank).index(rank)
         e = self.layout.expert_grad_group(rank).index(rank)
-        return RankPlan(
+        return RankOwnership(
             rank, c,
             dense_bytes=dense.load.optimizer_state_bytes(d),
             expert_bytes=expert.load.optimizer_state_bytes(e),
