@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A config key, value or override that cannot run; the message names the file and the key."""
 
 
+class LayoutError(ConfigError):
+    """A PP x EP x DP layout that the world size and the config cannot form (parallel/layout.py);
+    the message names the numbers."""
+
+
 EXPERT_IMPLS = ("grouped_mm", "loop")
 SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble")
 OVERLAPS = ("none", "ep")
@@ -327,11 +332,18 @@ def world_problem(parallel: ParallelConfig, world_size: int) -> str | None:
     return None
 
 
-def resolve_dp(parallel: ParallelConfig, world_size: int, source: str) -> int:
-    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp (DESIGN §2)."""
-    problem = world_problem(parallel, world_size)
+def resolve_dp(parallel: ParallelConfig, world_size: int, source: str | None = None) -> int:
+    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp, parallel.dp None meaning
+    whatever the world leaves (K2 §2.4). The one place dp is resolved; raises LayoutError, its
+    sentence prefixed with `source` (where the config came from) when given."""
+    for name in ("pp", "vp", "ep"):
+        if getattr(parallel, name) < 1:
+            problem = f"parallel.{name} must be at least 1, got {getattr(parallel, name)}."
+            break
+    else:
+        problem = world_problem(parallel, world_size)
     if problem:
-        raise ConfigError(f"{source}: {problem}")
+        raise LayoutError(f"{source}: {problem}" if source else problem)
     return world_size // (parallel.pp * parallel.ep)
 
 

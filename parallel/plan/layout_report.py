@@ -13,10 +13,10 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 
-from k2train.config.checks import micro_batches_per_step, validate_world
+from k2train.config.checks import validate_world
 from k2train.config.load import load_config
 from k2train.config.schema import JobConfig
-from parallel.layout import GROUP_AXES, GROUP_KINDS, Axis, Layout, LayoutError, RankCoords, make_layout
+from parallel.layout import GROUP_AXES, GROUP_KINDS, Axis, Layout, LayoutError, RankCoords, config_layout
 from parallel.pipeline.split import SplitError, choose_split, describe_split
 
 # Groups listed one by one up to this many; past it the report gives counts and the first few.
@@ -217,9 +217,7 @@ def run_layout(args: argparse.Namespace) -> int:
     cfg, world, source = config_and_world(args)
     dp = validate_world(cfg, world, source)
     try:
-        layout = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers,
-                             num_experts=cfg.model.num_experts,
-                             micro_batches=micro_batches_per_step(cfg, dp))
+        layout = config_layout(cfg, world, dp)
         report = describe_layout(layout, args.ranks)
         split = describe_split(choose_split(cfg, layout.num_stages, layout.pp), layout.pp)
     except (LayoutError, SplitError) as err:

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from k2train.config.checks import resolve_dp
 from k2train.config.schema import JobConfig
-from parallel.layout import Layout, LayoutError, RankCoords
+from parallel.layout import Layout, LayoutError, RankCoords, config_layout
 from parallel.plan.layout_report import add_world_arguments, config_and_world, representative_ranks
 
 if TYPE_CHECKING:
@@ -219,11 +220,10 @@ def add_optimizer_plan_parser(subparsers: argparse._SubParsersAction) -> argpars
 
 def run_optimizer_plan(args: argparse.Namespace) -> int:
     """Load the config, lay it out on the requested world, assign owners and print the plan."""
-    from parallel.layout import layout_for  # validates the layout; imports torch.distributed
-
     cfg, world, source = config_and_world(args)
+    dp = resolve_dp(cfg.parallel, world, source)  # a world the layout cannot fill stops here, naming the source
     try:
-        layout = layout_for(cfg, world, source)
+        layout = config_layout(cfg, world, dp)
         ranks = representative_ranks(layout) if args.ranks is None else args.ranks
         for rank in ranks:
             layout.coords(rank)  # a rank outside the world stops here, before the parts are built
