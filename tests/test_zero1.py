@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multiproc import run_world
+from multiproc import run_world, tiny_rank
 
 ROOT = Path(__file__).parents[1]
 STEPS = 5
@@ -42,17 +42,11 @@ def max_logits(num_layers: int, num_heads: int, step: int) -> torch.Tensor:
 
 
 def sharded_steps(payload: dict) -> dict:
-    from k2train.config.load import load_config
-    from parallel.runner import ParallelRunner, _model_name
-    from parallel.state import device_for, init_parallel, launch_env
-    from parallel.layout import layout_for
+    from parallel.parallelize import model_name as _model_name
 
     import parallel.zero1.optimizer
 
-    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
-    env = launch_env()
-    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
-    runner = ParallelRunner(cfg, state, sampler=None)
+    cfg, state, runner = tiny_rank(payload["overrides"])
     orthogonalised = []  # matrices this rank ran Newton-Schulz on
     newton_schulz_many = parallel.zero1.optimizer.newton_schulz_many
 
