@@ -41,6 +41,7 @@ class ParallelRunner:
         self.tokens_per_step = cfg.train.global_batch_tokens
         self.start_step = 0
         self.checkpointer = None
+        self.saved_step: int | None = None  # the step of this run's latest save
         self.stop_signals = None
 
     # -- the step --------------------------------------------------------------------------------
@@ -180,22 +181,26 @@ class ParallelRunner:
 
     def save_last_good(self, step: int) -> None:
         """Checkpoint the state before the step that failed (parameters are not yet updated)."""
-        if self.checkpointer is not None and self.cfg.checkpoint.every_steps and step > self.start_step:
+        if self.checkpointer is not None:
             self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler_before_step, self.layout_header)
             self.checkpointer.wait()
 
-    def end_of_step(self, step: int, last: bool) -> None:
-        every = self.cfg.checkpoint.every_steps
-        saved = False
-        if self.checkpointer is not None and every:
+    def save_checkpoint(self, step: int) -> None:
+        """Checkpoint the state after `step` (the training loop decides when)."""
+        if self.checkpointer is not None:
             self.checkpointer.poll()  # an asynchronous save is published as soon as it is complete
-            if step % every == 0 or last:
-                self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
-                saved = True
+            self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
+            self.saved_step = step
+
+    def end_of_step(self, step: int, last: bool) -> None:
+        """Publish a complete asynchronous save (every save after the last step); stop on a signal."""
+        if self.checkpointer is not None:
+            if self.saved_step != step:
+                self.checkpointer.poll()
             if last:
                 self.checkpointer.wait()
         if self.stop_signals is not None:
-            stop_on_signal(self, step, saved)
+            stop_on_signal(self, step, self.saved_step == step)
 
     def owned_gradients(self) -> dict[str, torch.Tensor]:
         """The reduced gradients this rank owns, by item key (valid between forward_backward and the step)."""
