@@ -256,7 +256,7 @@ def config_layout(cfg: JobConfig, world_size: int, dp: int) -> Layout:
 
 
 def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched world") -> Layout:
-    """The validated layout of `cfg` on `world_size` launched ranks (raises ConfigError / LayoutError)."""
+    """The validated layout of `cfg` on `world_size` ranks (raises ConfigError / LayoutError)."""
     p = cfg.parallel
     if world_size == 1 and p.pp * p.ep * (p.dp or 1) > 1:
         raise ConfigError(
