@@ -42,7 +42,7 @@ def max_logits(num_layers: int, num_heads: int, step: int) -> torch.Tensor:
 
 
 def sharded_steps(payload: dict) -> dict:
-    from parallel.parallelize import model_name as _model_name
+    from parallel.parallelize import model_name
 
     import parallel.zero1.optimizer
 
@@ -59,7 +59,7 @@ def sharded_steps(payload: dict) -> dict:
     local = m.num_experts // layout.ep
     for step in range(STEPS):
         for full_name, param in runner.model.named_parameters():
-            name = _model_name(full_name)
+            name = model_name(full_name)
             expert = ".mlp.experts." in name
             full = gradient(name, (m.num_experts, *param.shape[1:]) if expert else param.shape, step)
             mine = full[coords.ep * local:(coords.ep + 1) * local] if expert else full
@@ -68,7 +68,7 @@ def sharded_steps(payload: dict) -> dict:
         runner.optimizer.reduce(divisor=DIVISOR)
         runner.clip_gradients(cfg.optimizer.max_grad_norm)
         runner.optimizer_step(LR, max_logits(m.num_layers, m.num_heads, step))
-    params = {_model_name(n): p.detach().float().clone() for n, p in runner.model.named_parameters()}
+    params = {model_name(n): p.detach().float().clone() for n, p in runner.model.named_parameters()}
     masters = {g.param_dtype: g.master.dtype for g in runner.optimizer.groups}
     if state.is_distributed:
         torch.distributed.destroy_process_group()
