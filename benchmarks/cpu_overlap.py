@@ -44,17 +44,9 @@ LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)
 
 def measure(payload: dict) -> dict:
     """On one rank: take the steps and time each step and its micro-batch loop."""
-    from k2train.config.load import load_config
-    from k2train.train.loop import open_sampler
-    from parallel.runner import ParallelRunner
-    from launch.env import launch_env
-    from parallel.state import device_for, init_parallel
-    from parallel.layout import layout_for
+    from multiproc import tiny_rank
 
-    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
-    env = launch_env()
-    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
-    runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]))
+    cfg, state, runner = tiny_rank(payload["overrides"], payload["data"])
     loop_times: list[float] = []
     name = "_run_local" if runner.schedule is None else "_run_pipeline"
     run_loop = getattr(runner, name)

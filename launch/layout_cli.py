@@ -53,17 +53,15 @@ def config_and_world(args: argparse.Namespace) -> tuple[JobConfig, int, str]:
 
 def run_layout(args: argparse.Namespace) -> int:
     """Load the config, build its layout on the requested world and print the report."""
-    from k2train.config.checks import micro_batches_per_step, validate_world
-    from parallel.layout import LayoutError, make_layout
+    from k2train.config.checks import validate_world
+    from parallel.layout import LayoutError, config_layout
     from parallel.pipeline.split import SplitError, choose_split, describe_split
     from parallel.plan.layout_report import describe_layout, representative_ranks
 
     cfg, world, source = config_and_world(args)
     dp = validate_world(cfg, world, source)
     try:
-        layout = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers,
-                             num_experts=cfg.model.num_experts,
-                             micro_batches=micro_batches_per_step(cfg, dp))
+        layout = config_layout(cfg, world, dp)
         report = describe_layout(layout, args.ranks)
         split = describe_split(choose_split(cfg, layout.num_stages, layout.pp), layout.pp)
     except (LayoutError, SplitError) as err:

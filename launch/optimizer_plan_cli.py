@@ -21,13 +21,15 @@ def add_optimizer_plan_parser(subparsers: argparse._SubParsersAction) -> argpars
 
 def run_optimizer_plan(args: argparse.Namespace) -> int:
     """Load the config, lay it out on the requested world, assign owners and print the plan."""
-    from parallel.layout import LayoutError, layout_for
+    from k2train.config.checks import resolve_dp
+    from parallel.layout import LayoutError, config_layout
     from parallel.plan.layout_report import representative_ranks
     from parallel.plan.optimizer import build_plan, describe_plan
 
     cfg, world, source = config_and_world(args)
+    dp = resolve_dp(cfg.parallel, world, source)  # a world the layout cannot fill stops here, naming the source
     try:
-        layout = layout_for(cfg, world, source)
+        layout = config_layout(cfg, world, dp)
         ranks = representative_ranks(layout) if args.ranks is None else args.ranks
         for rank in ranks:
             layout.coords(rank)  # a rank outside the world stops here, before the parts are built

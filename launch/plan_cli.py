@@ -44,8 +44,8 @@ def hardware_from(args: argparse.Namespace) -> Hardware:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Load the config, lay it out on the requested world, make the plan and print it."""
-    from k2train.config.checks import micro_batches_per_step, validate_world
-    from parallel.layout import LayoutError, make_layout
+    from k2train.config.checks import validate_world
+    from parallel.layout import LayoutError, config_layout
     from parallel.plan.planner import make_plan
     from parallel.plan.report import describe_plan
 
@@ -53,8 +53,7 @@ def run_plan(args: argparse.Namespace) -> int:
     dp = validate_world(cfg, world, source)
     try:
         hw = hardware_from(args)
-        layout = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers,
-                             num_experts=cfg.model.num_experts, micro_batches=micro_batches_per_step(cfg, dp))
+        layout = config_layout(cfg, world, dp)
         wanted = None if args.ranks is None else sorted({layout.coords(rank).pp for rank in args.ranks})
         report = describe_plan(make_plan(cfg, layout, hw, args.attention), wanted)
     except (LayoutError, ValueError) as err:

@@ -21,13 +21,10 @@ import enum
 import itertools
 from dataclasses import dataclass
 
-from k2train.config.checks import ConfigError, micro_batches_per_step, resolve_dp, world_problem
+# LayoutError is defined beside resolve_dp, which raises it too: one error for a layout that cannot be.
+from k2train.config.checks import ConfigError, LayoutError, micro_batches_per_step, resolve_dp
 from k2train.config.schema import JobConfig
 from k2train.config.schema import ParallelConfig
-
-
-class LayoutError(ValueError):
-    """A layout that cannot be built from the world size and the config; the message names the numbers."""
 
 
 class Axis(str, enum.Enum):
@@ -214,17 +211,18 @@ def parse_rank_order(text: str) -> tuple[Axis, Axis, Axis]:
 
 
 def make_layout(world_size: int, parallel: ParallelConfig, *, num_layers: int, num_experts: int,
-                micro_batches: int | None) -> Layout:
+                micro_batches: int | None, dp: int | None = None) -> Layout:
     """The layout of `world_size` ranks under `parallel`, checked against the model and the batch.
 
     `micro_batches` is the number of micro-batches each sequence rank runs per optimizer step
-    (`k2train.config.checks.micro_batches_per_step`); None skips the schedule rule.
+    (`k2train.config.checks.micro_batches_per_step`); None skips the schedule rule. `dp` is the
+    data-parallel degree when the caller has resolved it already (`resolve_dp`), else it is resolved here.
     Raises LayoutError with one sentence naming the numbers that do not fit.
     """
     order = parse_rank_order(parallel.rank_order)
     if parallel.gpus_per_node < 1:
         raise LayoutError(f"parallel.gpus_per_node must be at least 1, got {parallel.gpus_per_node}.")
-    dp = _resolve_dp(world_size, parallel)
+    dp = resolve_dp(parallel, world_size) if dp is None else dp
     if num_experts % parallel.ep:
         raise LayoutError(
             f"model.num_experts ({num_experts}) must split evenly over parallel.ep ({parallel.ep}) so every "
@@ -241,17 +239,6 @@ def make_layout(world_size: int, parallel: ParallelConfig, *, num_layers: int, n
                   order=order, gpus_per_node=parallel.gpus_per_node)
 
 
-def _resolve_dp(world_size: int, parallel: ParallelConfig) -> int:
-    """world = pp * ep * dp; parallel.dp None means whatever the world leaves."""
-    for name in ("pp", "vp", "ep"):
-        if getattr(parallel, name) < 1:
-            raise LayoutError(f"parallel.{name} must be at least 1, got {getattr(parallel, name)}.")
-    problem = world_problem(parallel, world_size)
-    if problem:
-        raise LayoutError(problem)
-    return world_size // (parallel.pp * parallel.ep)
-
-
 def _check_micro_batches(micro_batches: int, pp: int) -> None:
     """Interleaved 1F1B runs micro-batches in rounds of pp, so it needs a whole number of rounds."""
     if micro_batches >= pp and micro_batches % pp == 0:
@@ -260,6 +247,12 @@ def _check_micro_batches(micro_batches: int, pp: int) -> None:
     raise LayoutError(
         f"train.global_batch_tokens gives {micro_batches} micro-batches per step on each sequence rank, "
         f"but the interleaved schedule over parallel.pp={pp} needs {need}.")
+
+
+def config_layout(cfg: JobConfig, world_size: int, dp: int) -> Layout:
+    """The layout of `cfg` on `world_size` ranks with its resolved `dp` (raises LayoutError)."""
+    return make_layout(world_size, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                       micro_batches=micro_batches_per_step(cfg, dp), dp=dp)
 
 
 def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched world") -> Layout:
@@ -272,8 +265,4 @@ def layout_for(cfg: JobConfig, world_size: int, source: str = "the launched worl
             f"`torchrun --nproc-per-node N -m k2train train ...` or set parallel.pp=1 parallel.vp=1 "
             f"parallel.ep=1 parallel.dp=1."
         )
-    dp = resolve_dp(p, world_size, source)
-    return make_layout(
-        world_size, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
-        micro_batches=micro_batches_per_step(cfg, dp),
-    )
+    return config_layout(cfg, world_size, resolve_dp(p, world_size, source))

@@ -1,7 +1,8 @@
 """One rank's share of a training step under any PP x EP x DP layout (one process is the 1x1x1 case).
 
-The runner builds this rank's model parts (its virtual stages, its slice of the experts), wires the
-expert all-to-all and the pipeline schedule, and implements the step the training loop drives:
+The runner receives this rank's model parts with the parallelism applied (parallel/parallelize.py:
+its virtual stages, its slice of the experts, the expert all-to-all, the pipeline schedule, the
+sharded optimizer) and implements the step the training loop drives:
 forward and backward over the rank's micro-batches, gradient reduction, the global statistics
 (mean loss, per-head max logits, expert loads), clipping, MuonClip and the router-bias update.
 Every rank computes the same global values, so every rank takes the same decisions.
@@ -11,107 +12,39 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from k2train.config.checks import micro_batches_per_step
 from k2train.config.schema import JobConfig
 from k2train.data.sampler import SequenceSampler
-from k2train.memory.offload import ActivationOffloader
-from k2train.memory.policy import SavePolicy
-from k2train.memory.saved import SavedActivations
-from k2train.model import K2Model
 from k2train.model.moe import update_router_bias_
 from k2train.train.stats import StepResult
 from parallel.checkpoint.checkpointer import CheckpointError, router_bias_key
 from parallel.checkpoint.resume import resume_point
 from parallel.signals import stop_on_signal
-from parallel.experts import apply_expert_parallel
 from parallel.pipeline.hooks import ActionObserver, observed
-from parallel.pipeline.overlap import Turns, backward_expert_group, check_overlap, run_micro_batches
-from parallel.pipeline.stages import StageModule, build_schedule, build_stage_models, lm_loss
+from parallel.pipeline.overlap import run_micro_batches
+from parallel.pipeline.stages import lm_loss
 from parallel.pipeline.torch_compat import ComputationType, schedule_stages
-from parallel.plan.planner import budgeted_offload
-from parallel.plan.cost import device_hardware
-from parallel.pipeline.split import choose_split
+from parallel.parallelize import Parallelized
 from parallel.state import ParallelState
-from parallel.zero1.optimizer import ShardedMuonClip
-
-
-class RankModel(nn.Module):
-    """The model parts one rank holds, in stage order, seen as one module by the optimizer."""
-
-    def __init__(self, parts: list[K2Model]):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def layer_ids(self) -> list[int]:
-        return [i for part in self.parts for i in part.part.layers]
-
-    def moe_layer_ids(self) -> list[int]:
-        return [i for part in self.parts for i in part.moe_layers()]
-
-    def moe_rows(self) -> list[int]:
-        """The row of each of this rank's MoE layers in the all-layer expert tables ([num_moe_layers, E])."""
-        return [i - part.cfg.first_dense_layers for part in self.parts for i in part.moe_layers()]
-
-    def attention_modules(self):
-        return [m for part in self.parts for m in part.attention_modules()]
-
-    def router_biases(self) -> list[torch.Tensor]:
-        return [b for part in self.parts for b in part.router_biases()]
 
 
 class ParallelRunner:
-    def __init__(self, cfg: JobConfig, state: ParallelState, sampler: SequenceSampler, trace_schedule: bool = False,
-                 measure_activations: bool = False):
+    """Drives one rank's parts as `parallelize` left them (parallel/parallelize.py); `rank_runner`
+    (parallel/startup.py) builds both."""
+
+    def __init__(self, cfg: JobConfig, state: ParallelState, sampler: SequenceSampler, rank: Parallelized):
         self.cfg, self.state, self.sampler = cfg, state, sampler
-        layout, coords = state.layout, state.coords
-        self.split = choose_split(cfg, layout.num_stages, layout.pp)
-        self.stage_indices = layout.stage_indices(coords.pp)
-        parts = build_stage_models(cfg.model, self.split, self.stage_indices, coords.ep, layout.ep, cfg.train.seed,
-                                   SavePolicy.from_config(cfg.memory))
-        dtype = getattr(torch, cfg.train.param_dtype)
-        # parallel.overlap (K2 §2.4): backwards take turns with forwards, their exchanges on a group of their own.
-        check_overlap(cfg.parallel.overlap, layout.ep)
-        self.turns = Turns() if cfg.parallel.overlap != "none" else None
-        backward_group = backward_expert_group(state) if self.turns is not None else None
-        for part in parts:
-            part.to(device=state.device, dtype=dtype)
-            apply_expert_parallel(part, state.expert_group, coords.ep, layout.ep, backward_group, self.turns,
-                                  state.collectives)
-        self.model = RankModel(parts)
-        self.micro_batches = micro_batches_per_step(cfg, layout.dp)
+        self.split, self.stage_indices, self.model = rank.split, rank.stage_indices, rank.model
+        self.turns, self.micro_batches = rank.turns, rank.micro_batches
+        self.offloader, self.saved, self.offload_keys = rank.offloader, rank.saved, rank.offload_keys
+        self.stage_modules, self.trace, self.schedule = rank.stage_modules, rank.trace, rank.schedule
+        self.optimizer = rank.optimizer
         self.tokens_per_step = cfg.train.global_batch_tokens
-        # memory.activation_offload (K2 §2.4.3): saved activations wait for backward in host memory.
-        # The same hooks count the bytes saved per layer (also without offload, when asked).
-        self.offloader = ActivationOffloader(state.device) if cfg.memory.activation_offload else None
-        self.saved = (SavedActivations(parts, self.offloader)
-                      if self.offloader is not None or measure_activations else None)
-        self.offload_keys = (budgeted_offload(cfg, layout, self.split, coords.pp, device_hardware(state.device))
-                             if self.offloader is not None and cfg.memory.activation_offload_budget_gib is not None
-                             else None)
-        self.schedule = None
-        if layout.pp > 1:
-            # The executed order of stage forwards and backwards, kept only when asked for (tests).
-            self.trace: list[tuple[str, int]] | None = [] if trace_schedule else None
-            self.stage_modules = [StageModule(part, s, self.trace, self.saved) for part, s in zip(parts, self.stage_indices)]
-            self.schedule = build_schedule(
-                self.stage_modules, self.stage_indices, layout.num_stages, self.micro_batches,
-                cfg.parallel.schedule, state.pipeline_group, state.device,
-                micro_batch_shape=(cfg.train.micro_batch_size, cfg.data.seq_len), turns=self.turns,
-            )
-        m = cfg.model
         self.start_step = 0
         self.checkpointer = None
+        self.saved_step: int | None = None  # the step of this run's latest save
         self.stop_signals = None
-        self.optimizer = ShardedMuonClip(
-            [(_model_name(n), p) for n, p in self.model.named_parameters()], coords.ep * (m.num_experts // layout.ep),
-            state.dense_group, state.expert_grad_group, cfg.optimizer,
-            (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim), state.is_distributed,
-            offload=cfg.memory.optimizer_offload, chunk_bytes=cfg.memory.optimizer_chunk_bytes,
-            collectives=state.collectives,
-        )
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -283,22 +216,26 @@ class ParallelRunner:
 
     def save_last_good(self, step: int) -> None:
         """Checkpoint the state before the step that failed (parameters are not yet updated)."""
-        if self.checkpointer is not None and self.cfg.checkpoint.every_steps and step > self.start_step:
+        if self.checkpointer is not None:
             self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler_before_step, self.layout_header)
             self.checkpointer.wait()
 
-    def end_of_step(self, step: int, last: bool) -> None:
-        every = self.cfg.checkpoint.every_steps
-        saved = False
-        if self.checkpointer is not None and every:
+    def save_checkpoint(self, step: int) -> None:
+        """Checkpoint the state after `step` (the training loop decides when)."""
+        if self.checkpointer is not None:
             self.checkpointer.poll()  # an asynchronous save is published as soon as it is complete
-            if step % every == 0 or last:
-                self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
-                saved = True
+            self.checkpointer.save(step, self.checkpoint_tensors(), self.sampler.state_dict(), self.layout_header)
+            self.saved_step = step
+
+    def end_of_step(self, step: int, last: bool) -> None:
+        """Publish a complete asynchronous save (every save after the last step); stop on a signal."""
+        if self.checkpointer is not None:
+            if self.saved_step != step:
+                self.checkpointer.poll()
             if last:
                 self.checkpointer.wait()
         if self.stop_signals is not None:
-            stop_on_signal(self, step, saved)
+            stop_on_signal(self, step, self.saved_step == step)
 
     def owned_gradients(self) -> dict[str, torch.Tensor]:
         """The reduced gradients this rank owns, by item key (valid between forward_backward and the step)."""
@@ -322,7 +259,3 @@ class ParallelRunner:
             self.state.collectives.all_reduce(means, op=dist.ReduceOp.MAX)  # replicas hold identical biases
         return means.tolist()
 
-
-def _model_name(name: str) -> str:
-    """"parts.<k>.layers.3.mlp..." -> "layers.3.mlp...": the model's own name, equal on every rank."""
-    return name.split(".", 2)[2]

@@ -21,18 +21,14 @@ from parallel.checkpoint.resume import StoppedRunError, record_stop
 from parallel.evaluate import Evaluator
 from parallel.preflight import check_paths
 from parallel.signals import StopSignals
-from parallel.layout import layout_for
 from parallel.pipeline.split import describe_split
-from parallel.runner import ParallelRunner
-from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel
+from parallel.startup import rank_runner, start_rank
+from parallel.state import LaunchEnv, ParallelState
 
 
 def run_training(cfg: JobConfig, env: LaunchEnv) -> RunResult:
     """Train `cfg` as this process's rank of the launched world `env` (launch/env.py reads it)."""
-    layout = layout_for(cfg, env.world_size)
-    check_paths(cfg, checkpoint_root(cfg))
-    device = device_for(cfg.parallel.device, env.local_rank)
-    state = init_parallel(layout, env, device)
+    state = start_rank(cfg, env, check=lambda layout, device: check_paths(cfg, checkpoint_root(cfg)))
     signals = StopSignals(state.device, state.is_distributed).install()
     try:
         return _train_rank(cfg, state, signals)
@@ -79,7 +75,7 @@ def _lock(cfg: JobConfig, root: Path, state: ParallelState) -> CheckpointLock | 
 def _train_locked(cfg: JobConfig, state: ParallelState, signals: StopSignals, root: Path,
                   lock: CheckpointLock | None) -> RunResult:
     sampler, valid_sampler = open_samplers(cfg, shared_data_prefix(cfg, state))
-    runner = ParallelRunner(cfg, state, sampler)
+    runner = rank_runner(cfg, state, sampler)
     evaluation = Evaluator(runner, valid_sampler, cfg.train.eval_batches) if valid_sampler and cfg.train.eval_every else None
     layout = state.layout
     if state.is_logging_rank and layout.pp > 1:

@@ -3,7 +3,8 @@
 `run_world(world, "module:function", payload)` starts `world` Python processes running this file;
 each sets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), calls
 `function(payload)` and saves its return value with torch.save. The parent returns the per-rank
-results, or raises with the failing ranks' output.
+results, or raises with the failing ranks' output. On a rank, `tiny_rank` starts the tiny config's
+rank the way `k2train train` and `k2train profile` start theirs (parallel/startup.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
+TINY = HERE.parent / "configs" / "k2_tiny.yaml"
 
 
 def free_port() -> int:
@@ -61,6 +63,21 @@ def run_world(world: int, target: str, payload: Any, timeout: float = 240) -> li
             )
             raise RuntimeError(f"ranks {failed} of {world} failed running {target}:\n{logs}")
         return [torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in range(world)]
+
+
+def tiny_rank(overrides: list[str], data: str | None = None, env=None, **runner_options):
+    """(cfg, state, runner) of this process's rank of configs/k2_tiny.yaml with `overrides`, launched
+    as `env` says (default: the launcher's variables, which run_world sets); the runner
+    reads `data` (no sampler without it) and takes `runner_options` (parallel.startup.rank_runner)."""
+    from k2train.config.load import load_config
+    from k2train.train.loop import open_sampler
+    from parallel.startup import rank_runner, start_rank
+    from launch.env import launch_env
+
+    cfg = load_config(TINY, overrides)
+    state = start_rank(cfg, launch_env() if env is None else env)
+    runner = rank_runner(cfg, state, None if data is None else open_sampler(cfg, data), **runner_options)
+    return cfg, state, runner
 
 
 def _worker(target: str, tmp: str) -> None:

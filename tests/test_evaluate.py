@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from multiproc import run_world
-from test_parallel_training import BASE, data, layout_overrides  # noqa: F401 (data is a fixture)
+from test_parallel_training import BASE, layout_overrides
 
 ROOT = Path(__file__).parents[1]
 EVAL = ["data.valid_fraction=0.2", "train.eval_every=1", "train.eval_batches=2"]
@@ -26,16 +26,13 @@ def eval_steps(payload: dict) -> dict:
     from k2train.config.load import load_config
     from k2train.train.loop import open_samplers
     from parallel.evaluate import Evaluator
-    from parallel.runner import ParallelRunner
+    from parallel.startup import rank_runner, start_rank
     from launch.env import launch_env
-    from parallel.state import device_for, init_parallel
-    from parallel.layout import layout_for
 
     cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
-    env = launch_env()
-    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
+    state = start_rank(cfg, launch_env())
     train_sampler, valid_sampler = open_samplers(cfg, payload["data"])
-    runner = ParallelRunner(cfg, state, train_sampler)
+    runner = rank_runner(cfg, state, train_sampler)
     evaluator = Evaluator(runner, valid_sampler, cfg.train.eval_batches)
     out = dict(val=[], steps=[], unchanged=True)
     for _ in range(2):

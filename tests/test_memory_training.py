@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from multiproc import tiny_rank
+
 ROOT = Path(__file__).parents[1]
 STEPS = 50
 LAST = 10  # the runs are compared by their mean loss over the last LAST steps
@@ -25,16 +27,10 @@ ALL_ON = ["memory.fp8_activations=true", "memory.selective_recompute=true", "mem
 
 def train_losses(overrides: list[str], data: str) -> list[float]:
     """The per-step losses of the tiny config trained STEPS steps in this process."""
-    from k2train.config.load import load_config
     from k2train.optim.schedule import lr_at
-    from k2train.train.loop import open_sampler
-    from parallel.runner import ParallelRunner
-    from parallel.state import LaunchEnv, device_for, init_parallel
-    from parallel.layout import layout_for
+    from parallel.state import LaunchEnv
 
-    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", BASE + overrides)
-    state = init_parallel(layout_for(cfg, 1), LaunchEnv(rank=0, world_size=1, local_rank=0), device_for("cpu", 0))
-    runner = ParallelRunner(cfg, state, open_sampler(cfg, data))
+    cfg, state, runner = tiny_rank(BASE + overrides, data, env=LaunchEnv(rank=0, world_size=1, local_rank=0))
     losses = []
     for step in range(1, STEPS + 1):
         result = runner.forward_backward()

@@ -84,10 +84,8 @@ def _run_steps(payload: dict) -> dict:
     """On one rank: two optimizer steps with activation offload off, then (same groups) on."""
     from k2train.config.load import load_config
     from k2train.train.loop import open_sampler
-    from parallel.runner import ParallelRunner
+    from parallel.startup import rank_runner, start_rank
     from launch.env import launch_env
-    from parallel.state import device_for, init_parallel
-    from parallel.layout import layout_for
 
     env = launch_env()
     runs = {}
@@ -98,15 +96,15 @@ def _run_steps(payload: dict) -> dict:
     if payload.get("hardware") is not None:
         # `auto` plans for the device's memory (parallel/plan/cost.py device_hardware): a CPU has
         # none to speak of, so the test lends it a GPU small enough to offload some micro-batches.
-        import parallel.runner
+        import parallel.parallelize
 
-        parallel.runner.device_hardware = lambda device: payload["hardware"]
+        parallel.parallelize.device_hardware = lambda device: payload["hardware"]
         extra["auto"] = ["memory.activation_offload=true", "memory.activation_offload_budget_gib=auto"]
     for flag, flag_overrides in extra.items():
         cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"] + flag_overrides)
         if flag == "false":
-            state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
-        runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]))
+            state = start_rank(cfg, env)
+        runner = rank_runner(cfg, state, open_sampler(cfg, payload["data"]))
         losses, orders, host = [], [], []
         for _ in range(2):
             result = runner.forward_backward()

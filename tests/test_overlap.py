@@ -11,7 +11,7 @@ import torch
 from multiproc import run_world
 from parallel.pipeline.overlap import Turns, check_overlap, overlap_runs
 from parallel.pipeline.schedule_table import Op, paired_order, paired_timeline, rank_order
-from test_parallel_training import BASE, data, layout_overrides  # noqa: F401 (data is a fixture)
+from test_parallel_training import BASE, layout_overrides
 
 
 @pytest.mark.parametrize("pp,vp,microbatches", [(1, 1, 1), (1, 1, 5), (2, 1, 4), (2, 2, 4), (4, 2, 8), (16, 2, 32)])

@@ -9,14 +9,12 @@ float32 here, so that no bf16 rounding flip can hide or fake a difference.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from multiproc import run_world
+from multiproc import run_world, tiny_rank
 
-ROOT = Path(__file__).parents[1]
 STEPS = 3
 # 16 sequences of 16 tokens per step; 4 layers (1 dense + 3 MoE) so PP x VP up to 4 has a layer per stage.
 BASE = [
@@ -37,17 +35,7 @@ def layout_overrides(pp: int, vp: int, ep: int, dp: int, schedule: str = "interl
 
 def run_steps(payload: dict) -> dict:
     """On one rank: build the runner of the layout and take STEPS steps, recording loss and gradients."""
-    from k2train.config.load import load_config
-    from k2train.train.loop import open_sampler
-    from parallel.runner import ParallelRunner
-    from launch.env import launch_env
-    from parallel.state import device_for, init_parallel
-    from parallel.layout import layout_for
-
-    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
-    env = launch_env()
-    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
-    runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]), trace_schedule=True)
+    cfg, state, runner = tiny_rank(payload["overrides"], payload["data"], trace_schedule=True)
     steps = []
     for _ in range(payload.get("steps", STEPS)):
         result = runner.forward_backward()
@@ -71,19 +59,6 @@ def _named_params(runner):
     # Strip the container prefix ("parts.<k>.") so names are the model's own.
     for name, param in runner.model.named_parameters():
         yield name.split(".", 2)[2], param
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    from k2train.data.prepare import prepare_dataset
-
-    # A fixed text (the standard library's json package), so the comparison does not shift with
-    # every change to this repository's own files.
-    import json
-
-    out = tmp_path_factory.mktemp("data") / "sources"
-    prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), out, "byte")
-    return str(out)
 
 
 @pytest.fixture(scope="module")

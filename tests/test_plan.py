@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from k2train.config.schema import ModelConfig
 from k2train.memory import saved_bytes
 from k2train.memory.policy import SavePolicy
 from k2train.model import K2Model, ModelPart, count_parameters
-from multiproc import run_world
+from multiproc import run_world, tiny_rank
 from parallel.layout import make_layout
 from parallel.pipeline.split import split_layers
 from parallel.pipeline.stages import lm_loss
@@ -96,18 +95,10 @@ WORLD = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=1", "lo
 
 def measure_rank(payload: dict) -> dict:
     """One rank: build the runner, run one step's forward and backward, measure what it holds."""
-    from k2train.train.loop import open_sampler
-    from parallel.runner import ParallelRunner
-    from launch.env import launch_env
-    from parallel.state import device_for, init_parallel
-    from parallel.layout import layout_for
     from parallel.zero1.optimizer import ShardGroup
 
-    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
-    env = launch_env()
-    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
-    runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]), trace_schedule=True,
-                            measure_activations=True)
+    cfg, state, runner = tiny_rank(payload["overrides"], payload["data"], trace_schedule=True,
+                                   measure_activations=True)
     runner.forward_backward()
     groups = [_group_bytes(g) for g in runner.optimizer.groups]
     # The same dense group without offload: the states stay on the device, the master padded.
@@ -131,15 +122,6 @@ def _group_bytes(group) -> dict:
     device = group.grad_region.nbytes + (sum(t.nbytes for b in states.buffers for t in b) if states.offloaded else
                                          sum(t.nbytes for t in (states.master, states.moment1, states.moment2)))
     return dict(grads=group.grads.nbytes, device=device, host=host)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    from k2train.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "sources"
-    prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), out, "byte")
-    return str(out)
 
 
 def _as_the_hooks_count(cfg, layout, stage: int, split: list[range], m: int):

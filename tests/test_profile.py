@@ -120,17 +120,6 @@ def profile_rank(payload: dict):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    import json as json_package
-
-    from k2train.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "sources"
-    prepare_dataset(sorted(Path(json_package.__file__).parent.glob("*.py")), out, "byte")
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def profiled(data, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("profile")
     overrides = [*QUIET, *WORLD, f"data.prefix={data}"]

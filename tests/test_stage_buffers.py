@@ -11,17 +11,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from multiproc import run_world
+from multiproc import run_world, tiny_rank
 from parallel.pipeline.schedule_table import rank_order, timeline
 from parallel.pipeline.buffers import interleaved_1f1b_actions
 from parallel.pipeline.torch_compat import to_action, torch_add_unshard_reshard, with_unshard_reshard
-from test_parallel_training import data  # noqa: F401 (a fixture)
 
-ROOT = Path(__file__).parents[1]
 PP, VP, MICRO_BATCHES = 2, 2, 16
 # 16 micro-batches of one 16-token sequence on one sequence rank; one layer per virtual stage.
 OVERRIDES = [
@@ -47,17 +43,7 @@ def measure_rank(payload: dict) -> dict:
     """One rank: two steps of the runner; the receive buffers its log saw, and the runtime's actions."""
     import torch
 
-    from k2train.config.load import load_config
-    from k2train.train.loop import open_sampler
-    from parallel.runner import ParallelRunner
-    from launch.env import launch_env
-    from parallel.state import device_for, init_parallel
-    from parallel.layout import layout_for
-
-    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
-    env = launch_env()
-    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
-    runner = ParallelRunner(cfg, state, open_sampler(cfg, payload["data"]))
+    cfg, state, runner = tiny_rank(payload["overrides"], payload["data"])
     stages = runner.stages
     log = runner.receive_log
     steps = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multiproc import run_world
+from multiproc import run_world, tiny_rank
 
 ROOT = Path(__file__).parents[1]
 STEPS = 5
@@ -42,18 +42,11 @@ def max_logits(num_layers: int, num_heads: int, step: int) -> torch.Tensor:
 
 
 def sharded_steps(payload: dict) -> dict:
-    from k2train.config.load import load_config
-    from parallel.runner import ParallelRunner, _model_name
-    from launch.env import launch_env
-    from parallel.state import device_for, init_parallel
-    from parallel.layout import layout_for
+    from parallel.parallelize import model_name
 
     import parallel.zero1.optimizer
 
-    cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", payload["overrides"])
-    env = launch_env()
-    state = init_parallel(layout_for(cfg, env.world_size), env, device_for("cpu", env.local_rank))
-    runner = ParallelRunner(cfg, state, sampler=None)
+    cfg, state, runner = tiny_rank(payload["overrides"])
     orthogonalised = []  # matrices this rank ran Newton-Schulz on
     newton_schulz_many = parallel.zero1.optimizer.newton_schulz_many
 
@@ -66,7 +59,7 @@ def sharded_steps(payload: dict) -> dict:
     local = m.num_experts // layout.ep
     for step in range(STEPS):
         for full_name, param in runner.model.named_parameters():
-            name = _model_name(full_name)
+            name = model_name(full_name)
             expert = ".mlp.experts." in name
             full = gradient(name, (m.num_experts, *param.shape[1:]) if expert else param.shape, step)
             mine = full[coords.ep * local:(coords.ep + 1) * local] if expert else full
@@ -75,7 +68,7 @@ def sharded_steps(payload: dict) -> dict:
         runner.optimizer.reduce(divisor=DIVISOR)
         runner.clip_gradients(cfg.optimizer.max_grad_norm)
         runner.optimizer_step(LR, max_logits(m.num_layers, m.num_heads, step))
-    params = {_model_name(n): p.detach().float().clone() for n, p in runner.model.named_parameters()}
+    params = {model_name(n): p.detach().float().clone() for n, p in runner.model.named_parameters()}
     masters = {g.param_dtype: g.master.dtype for g in runner.optimizer.groups}
     if state.is_distributed:
         torch.distributed.destroy_process_group()

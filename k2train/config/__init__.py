@@ -2,6 +2,7 @@
 
 from k2train.config.checks import (
     ConfigError,
+    LayoutError,
     check_batch,
     micro_batches_per_step,
     resolve_dp,
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "JobConfig",
+    "LayoutError",
     "LoggingConfig",
     "MemoryConfig",
     "MixtureEntry",

@@ -6,7 +6,7 @@ rewrites a value. Type rules (an int where an int belongs) are the loader's job;
 well-typed dataclasses and checks what their values mean together.
 
 The batch: dense weights are replicated over the EP x DP ranks of a pipeline stage and each of
-those ranks runs its own sequences (docs/ARCHITECTURE.md#layout), so a step's sequences are split over ep * dp ranks.
+those ranks runs its own sequences (DESIGN §2), so a step's sequences are split over ep * dp ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from k2train.config.schema import JobConfig, MixtureEntry, ParallelConfig
 
 class ConfigError(ValueError):
     """A config key, value or override that cannot run; the message names the file and the key."""
+
+
+class LayoutError(ConfigError):
+    """A PP x EP x DP layout that the world size and the config cannot form (parallel/layout.py);
+    the message names the numbers."""
 
 
 EXPERT_IMPLS = ("grouped_mm", "loop")
@@ -285,7 +290,7 @@ def _check_data(cfg: JobConfig, source: str) -> None:
 
 
 def sequence_ranks(parallel: ParallelConfig, dp: int) -> int:
-    """Ranks of one pipeline stage that each run their own sequences: ep * dp (docs/ARCHITECTURE.md#layout)."""
+    """Ranks of one pipeline stage that each run their own sequences: ep * dp (DESIGN §2)."""
     return parallel.ep * dp
 
 
@@ -315,7 +320,7 @@ def check_batch(cfg: JobConfig, dp: int, source: str, dp_note: str = "") -> None
 
 
 def world_problem(parallel: ParallelConfig, world_size: int) -> str | None:
-    """Why `world_size` ranks cannot hold the layout (world = pp * ep * dp, docs/ARCHITECTURE.md#layout), or None."""
+    """Why `world_size` ranks cannot hold the layout (world = pp * ep * dp, DESIGN §2), or None."""
     copy = parallel.pp * parallel.ep
     if world_size < 1 or world_size % copy:
         return (f"a world of {world_size} ranks is not a multiple of parallel.pp {parallel.pp} x "
@@ -327,11 +332,18 @@ def world_problem(parallel: ParallelConfig, world_size: int) -> str | None:
     return None
 
 
-def resolve_dp(parallel: ParallelConfig, world_size: int, source: str) -> int:
-    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp (docs/ARCHITECTURE.md#layout)."""
-    problem = world_problem(parallel, world_size)
+def resolve_dp(parallel: ParallelConfig, world_size: int, source: str | None = None) -> int:
+    """The data-parallel degree for `world_size` ranks: world = pp * ep * dp, parallel.dp None meaning
+    whatever the world leaves (K2 §2.4). The one place dp is resolved; raises LayoutError, its
+    sentence prefixed with `source` (where the config came from) when given."""
+    for name in ("pp", "vp", "ep"):
+        if getattr(parallel, name) < 1:
+            problem = f"parallel.{name} must be at least 1, got {getattr(parallel, name)}."
+            break
+    else:
+        problem = world_problem(parallel, world_size)
     if problem:
-        raise ConfigError(f"{source}: {problem}")
+        raise LayoutError(f"{source}: {problem}" if source else problem)
     return world_size // (parallel.pp * parallel.ep)
 
 

@@ -9,7 +9,7 @@ One optimizer step (K2 §2, §3), whatever the layout:
 3. MuonClip steps with the WSD learning rate, then QK-Clip rescales the heads above τ;
 4. the router biases move from the step's summed loads (aux-loss-free balancing).
 The runner (parallel/runner.py) owns the model and everything distributed; this loop owns the
-schedule, the decisions and what the user sees. Only the logging rank writes files.
+schedule, the decisions (when to checkpoint among them) and what the user sees. Only the logging rank writes files.
 """
 
 from __future__ import annotations
@@ -56,11 +56,13 @@ class StepRunner(Protocol):
 
     def save_last_good(self, step: int) -> None: ...  # checkpoint of the state before a failed step
 
+    def save_checkpoint(self, step: int) -> None: ...  # checkpoint of the state after `step`
+
     start_step: int  # steps already taken (a resumed run starts after its checkpoint)
 
     sampler: object  # the training data's sampler (a mixture reports its realised shares)
 
-    def end_of_step(self, step: int, last: bool) -> None: ...  # checkpoints
+    def end_of_step(self, step: int, last: bool) -> None: ...  # publishes finished saves, stops on a signal
 
 
 class Evaluation(Protocol):
@@ -160,7 +162,8 @@ def run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evalua
         skipped += not finite
         if not finite and (cfg.train.on_nonfinite == "stop" or skipped_in_row > cfg.train.max_skipped_steps):
             bar.close()
-            runner.save_last_good(step - 1)
+            if cfg.checkpoint.every_steps and step - 1 > runner.start_step:  # not the state it resumed from
+                runner.save_last_good(step - 1)
             raise NonFiniteLossError(format_nonfinite_stop(step, last_good, skipped_in_row - 1, skipped - 1))
         if finite:
             runner.optimizer_step(lr, result.max_logits_LH)  # QK-Clip is part of the step (K2 Algorithm 1)
@@ -187,6 +190,8 @@ def run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evalua
             log.log_step(record)
             if not cfg.logging.progress_bar:  # cluster logs: one line per logged step instead of a bar
                 print(_step_line(record, cfg.train.steps), flush=True)
+        if checkpoint_due(cfg, step):
+            runner.save_checkpoint(step)
         runner.end_of_step(step, last=step == cfg.train.steps)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
@@ -195,6 +200,13 @@ def run_steps(cfg: JobConfig, runner: StepRunner, log: MetricsLog | None, evalua
         print(f"k2train: {skipped} of {cfg.train.steps - runner.start_step} steps were skipped for a non-finite "
               "loss or gradient norm (train.on_nonfinite=skip)", flush=True)
     return loss
+
+
+def checkpoint_due(cfg: JobConfig, step: int) -> bool:
+    """Whether the state after `step` is saved: every checkpoint.every_steps steps and after the
+    last (0: never). The loop alone decides; the runner's checkpointer only writes."""
+    every = cfg.checkpoint.every_steps
+    return bool(every) and (step % every == 0 or step == cfg.train.steps)
 
 
 def _data_records(cfg: JobConfig, runner: StepRunner, evaluation: Evaluation | None, step: int) -> dict:

@@ -1,8 +1,8 @@
 """`k2train profile`: a config's training steps under its layout, timed and accounted.
 
-Launched like `k2train train` (one process, or every rank of a torchrun / Slurm launch), it builds
-the same `ParallelRunner` and drives it with the training loop itself (`k2train/train/loop.py`),
-through a runner that times each step's phases (parallel/profiling/instrument.py):
+Launched like `k2train train` (one process, or every rank of a torchrun / Slurm launch), it starts
+the rank and builds the same `ParallelRunner` (parallel/startup.py) and drives it with the training
+loop itself (`k2train/train/loop.py`), through a runner that times each step's phases (parallel/profiling/instrument.py):
 
 1. `--warmup N` steps that are not timed (lazy initialisation, the schedule's first run); the last
    one counts the bytes every forward leaves saved for backward (parallel/profiling/memory.py);
@@ -33,8 +33,8 @@ from parallel.profiling.memory import SavedCounter, check_fits, held_bytes
 from parallel.profiling.report import build_report, write_report
 from parallel.profiling.timing import COMPUTE_KINDS, Clock, Recorder, StepTiming, peak_saved_bytes
 from parallel.runner import ParallelRunner
-from parallel.state import LaunchEnv, ParallelState, device_for, init_parallel
-from parallel.layout import layout_for
+from parallel.startup import rank_runner, start_rank
+from parallel.state import LaunchEnv, ParallelState
 from parallel.trainer import shared_data_prefix
 
 
@@ -53,13 +53,7 @@ def run_profile(cfg: JobConfig, options: ProfileOptions, env: LaunchEnv) -> dict
     if options.warmup < 1 or options.steps < 1:
         raise ConfigError(f"profile needs at least 1 warm-up and 1 measured step, got --warmup "
                           f"{options.warmup} and --steps {options.steps}.")
-    layout = layout_for(cfg, env.world_size)
-    try:
-        device = device_for(cfg.parallel.device, env.local_rank)
-    except RuntimeError as err:  # no CUDA device where the config asks for one
-        raise ConfigError(f"{cfg.name}: {err}") from None
-    check_fits(cfg, layout, device)
-    state = init_parallel(layout, env, device)
+    state = start_rank(cfg, env, check=lambda layout, device: check_fits(cfg, layout, device))
     try:
         return _profile_rank(cfg, state, options)
     finally:
@@ -70,7 +64,7 @@ def run_profile(cfg: JobConfig, options: ProfileOptions, env: LaunchEnv) -> dict
 def _profile_rank(cfg: JobConfig, state: ParallelState, options: ProfileOptions) -> dict | None:
     out_dir = _shared_out_dir(cfg, options, state)
     recorder = Recorder(Clock(state.device))
-    runner = ParallelRunner(cfg, state, CountingSampler(open_sampler(cfg, shared_data_prefix(cfg, state)), recorder))
+    runner = rank_runner(cfg, state, CountingSampler(open_sampler(cfg, shared_data_prefix(cfg, state)), recorder))
     steps = ProfiledSteps(runner, recorder, options, out_dir / "trace" / f"rank{state.rank}.json")
     total = options.warmup + options.steps + (1 if options.torch_trace else 0)
     with instrumented(runner, recorder, SavedCounter(runner, recorder)):
