@@ -119,7 +119,8 @@ def measure_rank(payload: dict) -> dict:
 def _group_bytes(group) -> dict:
     states = group.states
     host = sum(t.nbytes for t in (states.master, states.moment1, states.moment2)) if states.offloaded else 0
-    device = group.grad_region.nbytes + (sum(t.nbytes for b in states.buffers for t in b) if states.offloaded else
+    region = 0 if group.grad_region is group.grads else group.grad_region.nbytes  # a group of one: in place
+    device = region + (sum(t.nbytes for b in states.buffers for t in b) if states.offloaded else
                                          sum(t.nbytes for t in (states.master, states.moment1, states.moment2)))
     return dict(grads=group.grads.nbytes, device=device, host=host)
 

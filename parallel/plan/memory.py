@@ -48,15 +48,17 @@ class GroupBuffers:
         return FP32 * self.size * self.region
 
     def owner_bytes(self, member: int, offload: bool) -> tuple[int, int]:
-        """(device, host) bytes of grad_region, master weights and moments of `member`."""
+        """(device, host) bytes of grad_region, master weights and moments of `member`. A group of
+        one reduces in place: its grad_region is the gradient buffer, no second copy."""
         from parallel.zero1.offload import RING  # device buffer sets of the offloaded states
 
         states = FP32 * (2 * self.owned[member] + self.owned_adamw[member])
+        region = FP32 * self.region if self.size > 1 else 0
         if offload:
             n, m2 = self.widest_chunk[member]
-            return FP32 * self.region + RING * FP32 * (2 * n + m2), states
+            return region + RING * FP32 * (2 * n + m2), states
         # The master spans the padded region (it is the all_gather input for FP32 parameters).
-        return FP32 * self.region + states + FP32 * (self.region - self.owned[member]), 0
+        return region + states + FP32 * (self.region - self.owned[member]), 0
 
     def gather_bytes(self, param_bytes: int, offload: bool) -> int:
         """Transient of the parameter all_gather: the gathered group regions and this owner's cast."""

@@ -272,7 +272,7 @@ def _difference_lines(plan: Plan) -> list[str]:
              f"{big.size} regions is padded to its largest owner's ({_count(big.region)} elements; the largest item is "
              f"{name}, {_count(numel)}) and the FP32 buffer holds all {big.size} regions",
              f"  optimizer states on device +{_gib(b.optimizer - i.optimizer)}: the reduce-scatter writes a separate FP32 "
-             "region, padded like the buffer (a second copy of the owned gradients: all of them in a group of 1); "
+             "region, padded like the buffer (a second copy of the owned gradients; a group of 1 reduces in place); "
              "without offload the master weights span the padded region too, with offload 3 chunk buffer sets stay"]
     if b.pipeline > i.pipeline:
         extra = b.pipeline + b.boundary - i.pipeline - i.boundary

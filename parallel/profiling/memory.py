@@ -73,7 +73,8 @@ def held_bytes(runner) -> dict[str, int]:
     optimizer = runner.optimizer
     return dict(
         parameters=sum(p.numel() * p.element_size() for p in runner.model.parameters()),
-        gradient_buffers=sum((g.grads.numel() + g.grad_region.numel()) * 4 for g in optimizer.groups),
+        gradient_buffers=sum(g.grads.nbytes + (0 if g.grad_region is g.grads else g.grad_region.nbytes)
+                             for g in optimizer.groups),
         optimizer_states=optimizer.optimizer_state_bytes(),
     )
 

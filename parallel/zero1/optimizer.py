@@ -82,7 +82,12 @@ class ShardGroup:
         device = self.params[0].device if self.params else torch.device("cpu")
         self.grads = torch.zeros(self.size * self.region, dtype=torch.float32, device=device)
         self.owned = [s for s in self.slots if s.owner == self.rank]
-        self.grad_region = torch.zeros(self.region, dtype=torch.float32, device=device)
+        # A group of one rank owns its whole buffer: the reduced gradients stay where they were
+        # accumulated, so the owner region is the buffer itself, not a second copy of it (at K2's
+        # scale with dp = 1 the expert group's buffer is 13-17 GB per GPU).
+        self.grad_region = self.grads if self.group is None else torch.zeros(self.region, dtype=torch.float32,
+                                                                             device=device)
+        self._reduced = False  # the buffer holds the last step's reduced gradients (a group of one)
         # Owner state: float32 master weights, Muon momentum / AdamW first moment, AdamW second moment,
         # laid out in owner order as the gradient region is (the same offsets).
         places = OffloadedStates if offload else DeviceStates
@@ -124,6 +129,7 @@ class ShardGroup:
     @torch.no_grad()
     def _accumulate_param(self, param: nn.Parameter) -> None:
         """Add a parameter's .grad into the float32 buffer and free it."""
+        self._start_accumulating()
         for slot in self._slots_of[id(param)]:
             self._flat(slot).add_(slot.grad())
         param.grad = None
@@ -138,11 +144,19 @@ class ShardGroup:
     def reduce(self, divisor: float) -> None:
         """reduce_scatter(SUM) the buffer so each owner holds its items' summed gradients, / divisor."""
         if self.group is None:
-            self.grad_region.copy_(self.grads[: self.region])
+            self._start_accumulating()  # a step that accumulated nothing reduces zeros
+            self._reduced = True  # kept in place until the next step's first gradient
         else:
             self.collectives.reduce_scatter(self.grad_region, self.grads, op=dist.ReduceOp.SUM, group=self.group)
+            self.grads.zero_()
         self.grad_region.div_(divisor)
-        self.grads.zero_()
+
+    def _start_accumulating(self) -> None:
+        """Clear the last step's reduced gradients (kept in the buffer by a group of one) before
+        the first gradient of the next step is added."""
+        if self._reduced:
+            self.grads.zero_()
+            self._reduced = False
 
     def owned_square_norm(self) -> Tensor:
         return self.grad_region.double().square().sum()
