@@ -109,7 +109,7 @@ def parallelize(rank: RankParts, state: ParallelState, cfg: JobConfig, *, trace_
     `trace_schedule` keeps the executed order of stage forwards and backwards; `measure_activations`
     counts the bytes saved per layer also without offload."""
     turns = _apply_experts(rank.parts, state, cfg)
-    offloader, saved, offload_keys = _apply_memory_policy(rank, state, cfg, measure_activations)
+    offloader, saved, offload_keys = _apply_memory(rank, state, cfg, measure_activations)
     micro_batches = micro_batches_per_step(cfg, state.layout.dp)
     stage_modules, trace, schedule = None, None, None
     if state.layout.pp > 1:
@@ -132,7 +132,7 @@ def _apply_experts(parts: list[K2Model], state: ParallelState, cfg: JobConfig) -
     return turns
 
 
-def _apply_memory_policy(rank: RankParts, state: ParallelState, cfg: JobConfig, measure_activations: bool):
+def _apply_memory(rank: RankParts, state: ParallelState, cfg: JobConfig, measure_activations: bool):
     """With memory.activation_offload (K2 §2.4.3) saved activations wait for backward in host memory
     (under the device budget, only the micro-batches it cannot hold). The same hooks count the bytes
     saved per layer (also without offload, when asked). FP8 storage and selective recompute were
