@@ -2,12 +2,13 @@
 this machine.
 
 Not a test: `make bench-overlap` (as root) prints numbers. Between gloo processes on a plain
-loopback an all-to-all is a memory copy that costs CPU, not wall time, so overlap cannot show. The
-benchmark creates its own network namespace whose loopback is rate-limited with a tbf qdisc (a
-shaped loopback carries its configured rate, and waiting on it costs no CPU), runs each layout
-there with overlap off and on (alternating, `--repeats` times), first on the unshaped and then on
-the shaped loopback, and removes the namespace at the end, also on failure. Only loopback
-addresses are used.
+loopback an all-to-all is a memory copy that costs CPU, not wall time, and a rank waiting on the
+network lends its core to another, so overlap cannot show. The benchmark builds a small cluster on
+this machine (benchmarks/shaped_cluster.py): a network namespace in which every rank's outgoing
+traffic is shaped to the link rate (waiting on it costs no CPU) and every rank has its own share of
+the cores. It runs each layout there with overlap off and on (alternating, `--repeats` times),
+first with unshaped and then with shaped links, and removes the namespace and the cgroups at the
+end, also on failure. Only loopback addresses are used.
 
 Per rank it prints the micro-batch loop's time (forwards, backwards and their exchanges: the part
 overlap changes), the whole step's, the compute time (the loop on the unshaped loopback), the link
@@ -31,10 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 HERE = Path(__file__).resolve().parent
-NAMESPACE = "k2bench-overlap"
 QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=false"]
 # Longer sequences than the tiny config's default, so each exchange carries enough bytes to be
-# slowed by the shaped link; 8 micro-batches per data rank.
+# slowed by the shaped link; 16 micro-batches per data rank.
 # Wider than the tiny config too, so compute is mostly in torch kernels rather than in Python.
 SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
          "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512"]
@@ -46,6 +46,9 @@ def measure(payload: dict) -> dict:
     """On one rank: take the steps and time each step and its micro-batch loop."""
     from multiproc import tiny_rank
 
+    from shaped_cluster import join
+
+    join(int(os.environ["RANK"]), payload["cpu_share"])
     cfg, state, runner = tiny_rank(payload["overrides"], payload["data"])
     loop_times: list[float] = []
     name = "_run_local" if runner.schedule is None else "_run_pipeline"
@@ -70,30 +73,29 @@ def measure(payload: dict) -> dict:
     torch_barrier()
     import torch.distributed as dist
 
-    comm = exchanges_alone(runner) if payload["replay"] else 0.0
+    comm = exchanges_alone(runner, state.collectives) if payload["replay"] else 0.0
     dist.destroy_process_group()
     return dict(loop=statistics.median(loop_times[1:]), step=statistics.median(step_times[1:]), comm=comm)
 
 
-def exchanges_alone(runner) -> float:
+def exchanges_alone(runner, collectives) -> float:
     """The time the link needs for one step's all-to-alls with no compute between them: record every
-    exchange of one more step (shapes, splits, group), then replay them back to back."""
+    exchange of one more step (shapes, splits, group) as it passes the rank's collectives, then
+    replay them back to back."""
     import torch
     import torch.distributed as dist
 
-    import parallel.experts as ep
+    recorded, exchange = [], collectives.all_to_all_single
 
-    recorded, exchange = [], ep.all_to_all
-
-    def recording(out, inp, out_splits, in_splits, group, turns):
+    def recording(out, inp, out_splits, in_splits, group=None, async_op=False):
         recorded.append((out.shape, inp.shape, out.dtype, out_splits, in_splits, group))
-        exchange(out, inp, out_splits, in_splits, group, turns)
+        return exchange(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 
-    ep.all_to_all = recording
+    collectives.all_to_all_single = recording  # this object only, for one step
     try:
         runner.forward_backward()
     finally:
-        ep.all_to_all = exchange
+        del collectives.all_to_all_single
     buffers = [(torch.zeros(o, dtype=d), torch.zeros(i, dtype=d), os_, is_, g) for o, i, d, os_, is_, g in recorded]
     times = []
     for _ in range(3):
@@ -112,7 +114,7 @@ def torch_barrier() -> None:
 
 
 def layout_overrides(pp: int, vp: int, ep: int, dp: int, overlap: str) -> list[str]:
-    micro = 8  # the first forward and the last backward of a rank run unpaired: a long steady state
+    micro = 16  # warm-up forwards and cool-down backwards run unpaired: a long steady state
     tokens = 128 * 2 * micro * dp
     return [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
             f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
@@ -121,16 +123,18 @@ def layout_overrides(pp: int, vp: int, ep: int, dp: int, overlap: str) -> list[s
 def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str) -> list[dict]:
     from multiproc import run_world
 
-    return run_world(pp * ep * dp, "cpu_overlap:measure",
+    world = pp * ep * dp
+    share = min(1.0, (os.cpu_count() or 1) / world)  # every rank the same share of the cores, as if its own
+    return run_world(world, "cpu_overlap:measure",
                      dict(overrides=layout_overrides(pp, vp, ep, dp, overlap), data=data, steps=steps,
-                          replay=overlap == "none"), timeout=900)
+                          replay=overlap == "none", cpu_share=share), timeout=900)
 
 
 def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rate_bytes_s: float) -> dict[str, float]:
     """`k2train plan`'s schedule time (as built, without the update after it) for this layout, overlap
     off and on, calibrated to this machine: the compute rate chosen so that the plan's unshaped
     schedule (compute and bubble, no link time) equals the measured plain loop on the unshaped
-    loopback; the link is the shaped loopback, one link all ranks share, so rate / world per rank."""
+    loopback; every rank has a link of its own at the shaped rate, as the plan assumes."""
     from dataclasses import replace
 
     from k2train.config.load import load_config
@@ -150,8 +154,7 @@ def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rat
 
     fast = replace(HARDWARE["h800"], peak_tflops=1.0, efficiency=1.0, nvlink_gbs=1e12, network_gbs=1e12, pcie_gbs=1e12)
     rate = schedule_s("none", fast) / unshaped_loop_s  # TFLOP/s that make the plan's compute this CPU's
-    shaped = replace(fast, peak_tflops=rate, nvlink_gbs=rate_bytes_s / world / 1e9,
-                     network_gbs=rate_bytes_s / world / 1e9)
+    shaped = replace(fast, peak_tflops=rate, nvlink_gbs=rate_bytes_s / 1e9, network_gbs=rate_bytes_s / 1e9)
     return {overlap: schedule_s(overlap, shaped) for overlap in ("none", "ep")}
 
 
@@ -166,8 +169,10 @@ def rate_bytes(rate: str) -> float:
 
 def inside(args) -> None:
     """In the namespace: every layout on the unshaped loopback, then on the shaped one."""
-    from k2train.data.prepare import prepare_dataset
     import json
+
+    from k2train.data.prepare import prepare_dataset
+    from shaped_cluster import ShapedCluster
 
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "sources")
@@ -175,8 +180,7 @@ def inside(args) -> None:
         results: dict[tuple[str, str, str], list[dict]] = {}
         for link in ("unshaped", "shaped"):
             if link == "shaped":
-                _run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.rate,
-                      "burst", args.burst, "latency", "2s"])  # a long queue: no drops, no TCP retransmits
+                ShapedCluster().shape(args.rate, args.burst)
             for name, layout in _chosen(args).items():
                 runs: dict[str, list[list[dict]]] = {"none": [], "ep": []}
                 for _ in range(args.repeats):  # off and on alternate, so a load change hits both
@@ -192,8 +196,9 @@ def inside(args) -> None:
 
 
 def report(results: dict, args) -> None:
-    print(f"\nk2_tiny (hidden 256), seq 128 x 2 per micro-batch, 8 micro-batches per data rank, {args.steps} steps "
-          f"(median of steps 2+, then of {args.repeats} runs), loopback shaped to {args.rate} (tbf burst {args.burst}); times in s.\n"
+    cores = os.cpu_count()
+    print(f"\nk2_tiny (hidden 256), seq 128 x 2 per micro-batch, 16 micro-batches per data rank, {args.steps} steps "
+          f"(median of steps 2+, then of {args.repeats} runs), every rank's link shaped to {args.rate} (htb burst {args.burst}) and given {cores}/ranks of the {cores} cores; times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
           "exposed: loop - compute; best: max(compute, link), the loop if every exchange hid under compute "
@@ -226,35 +231,31 @@ def _chosen(args) -> dict[str, tuple[int, int, int, int]]:
     return {name: layout for name, layout in LAYOUTS.items() if args.only in name}
 
 
-def _run(command: list[str]) -> None:
-    subprocess.run(command, check=True)
-
-
 def outside(args) -> None:
-    """Create the namespace, run this script inside it, and remove the namespace whatever happens."""
-    if os.geteuid() != 0:
-        sys.exit("bench-overlap creates a network namespace (ip netns) and needs root.")
-    subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)  # a leftover of a killed run
-    _run(["ip", "netns", "add", NAMESPACE])
-    # SIGTERM becomes an exception, so the finally below removes the namespace then too.
+    """Create the shaped cluster, run this script inside its namespace, and remove the cluster
+    whatever happens."""
+    from shaped_cluster import NAMESPACE, ShapedCluster
+
+    cluster = ShapedCluster()
+    # SIGTERM becomes an exception, so the finally below removes the cluster then too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
-        _run(["ip", "-n", NAMESPACE, "link", "set", "lo", "up"])
+        cluster.create()
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
                         "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
                         "--only", args.only], check=True, env=env)
     finally:
-        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
+        cluster.remove()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", default="500mbit", help="tbf rate of the shaped loopback")
+    parser.add_argument("--rate", default="100mbit", help="link rate of every rank")
     # Just above the loopback's 64 KiB packets: a larger bucket refills during compute and lets each
     # exchange's first bytes through at once, hiding part of the link time from the plain run.
-    parser.add_argument("--burst", default="80kb", help="tbf burst of the shaped loopback")
+    parser.add_argument("--burst", default="80kb", help="htb burst of every rank's link")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")

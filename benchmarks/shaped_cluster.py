@@ -1,0 +1,104 @@
+"""A cluster of slow devices on one machine: every rank gets its own CPU share and its own link.
+
+Used by `make bench-overlap` (benchmarks/cpu_overlap.py), as root. On a GPU cluster each rank has a
+device and a network link of its own: while a rank waits on its all-to-all, nobody else uses its
+device, and its traffic does not slow anyone else's. Plain processes on one machine have neither:
+a rank waiting on the network lends its core to another rank, and all ranks share one loopback.
+Both would hide the effect overlap is meant to have. So:
+
+- **Network**: a network namespace of its own (only its loopback, only loopback addresses). Each
+  rank's sockets carry the net_cls class id of its rank; an nftables rule in the namespace turns
+  the class id into the packet's priority, and an htb class per rank on the loopback, selected by
+  that priority, sends at the link rate. A rank's outgoing traffic is shaped at the rate, as a NIC
+  of that rate would, and waiting on it costs no CPU.
+- **Compute**: a cpu cgroup per rank, capped at cores / ranks of CPU time, so that a rank's unused
+  share stays unused (`join`).
+
+`ShapedCluster` creates the namespace and the cgroups (`create`), shapes the links (`shape`), and
+removes everything again (`remove`, also after a failure; a leftover of a killed run is removed
+first). `ip netns exec` mounts a fresh /sys, which hides the cgroup controllers, so they are
+mounted under /run, where the ranks in the namespace see them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+NAMESPACE = "k2bench-overlap"
+RUN = Path("/run") / NAMESPACE
+CPU, NET_CLS = RUN / "cpu", RUN / "net_cls"
+PERIOD_US = 10_000  # a short CFS period: a rank's CPU share comes in slices of a few milliseconds
+MAX_RANKS = 8
+
+
+def _run(command: list[str], **kwargs) -> None:
+    subprocess.run(command, check=True, **kwargs)
+
+
+def _class_id(rank: int) -> int:
+    """The net_cls class id of `rank`, 0x0001_00RR: htb class 1:(0x10 + rank) of the loopback's qdisc 1:."""
+    return 0x10000 + 0x10 + rank
+
+
+class ShapedCluster:
+    """The namespace, per-rank cgroups and per-rank link classes of the benchmark."""
+
+    def create(self) -> None:
+        if os.geteuid() != 0:
+            raise SystemExit("bench-overlap creates a network namespace and cgroups, and needs root.")
+        self.remove()  # a leftover of a killed run
+        _run(["ip", "netns", "add", NAMESPACE])
+        _run(["ip", "-n", NAMESPACE, "link", "set", "lo", "up"])
+        for controller, mount in (("cpu", CPU), ("net_cls", NET_CLS)):
+            mount.mkdir(parents=True, exist_ok=True)
+            _run(["mount", "-t", "cgroup", "-o", controller, controller, str(mount)])
+        rules = []
+        for rank in range(MAX_RANKS):
+            for mount in (CPU, NET_CLS):
+                (mount / NAMESPACE / f"rank{rank}").mkdir(parents=True, exist_ok=True)
+            (NET_CLS / NAMESPACE / f"rank{rank}" / "net_cls.classid").write_text(str(_class_id(rank)))
+            rules.append(f"meta cgroup {_class_id(rank):#x} meta priority set 1:{0x10 + rank:x}")
+        table = ("table inet k2bench {\n chain out {\n  type filter hook output priority 0; policy accept;\n  "
+                 + "\n  ".join(rules) + "\n }\n}\n")
+        _run(["ip", "netns", "exec", NAMESPACE, "nft", "-f", "-"], input=table.encode())
+
+    def shape(self, rate: str, burst: str) -> None:
+        """Every rank's outgoing traffic at `rate` (a tc rate, e.g. 200mbit); the rest unshaped."""
+        def tc(*args: str) -> None:
+            _run(["ip", "netns", "exec", NAMESPACE, "tc", *args])
+
+        tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1")
+        tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit", "quantum", "200000")
+        for rank in range(MAX_RANKS):
+            tc("class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{0x10 + rank:x}", "htb", "rate", rate,
+               "burst", burst, "quantum", "20000")
+
+    def remove(self) -> None:
+        """Everything `create` made, whatever exists of it; the ranks must have exited."""
+        subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)
+        for mount in (CPU, NET_CLS):
+            group = mount / NAMESPACE
+            if group.is_dir():
+                for child in group.glob("rank*"):
+                    child.rmdir()
+                group.rmdir()
+            if mount.is_mount():
+                _run(["umount", str(mount)])
+            if mount.is_dir():
+                mount.rmdir()
+        if RUN.is_dir():
+            RUN.rmdir()
+
+
+def join(rank: int, cpu_share: float) -> None:
+    """Move this process (before it opens a socket) into `rank`'s cgroups: its traffic goes through
+    `rank`'s link, and it gets `cpu_share` of one core."""
+    if rank >= MAX_RANKS:
+        raise ValueError(f"rank {rank}: the shaped cluster has links for {MAX_RANKS} ranks.")
+    cpu = CPU / NAMESPACE / f"rank{rank}"
+    (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+    (cpu / "cpu.cfs_quota_us").write_text(str(max(1000, int(PERIOD_US * cpu_share))))
+    for group in (cpu, NET_CLS / NAMESPACE / f"rank{rank}"):
+        (group / "cgroup.procs").write_text(str(os.getpid()))
