@@ -55,8 +55,9 @@ class AllToAllExchange:
         self.turns = turns  # parallel.overlap: each exchange hands the turn to the paired micro-batch
         self.collectives = Collectives() if collectives is None else collectives
 
-    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor:
-        E_local = experts.num_local
+    def __call__(self, x_ND: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor,
+                 experts: Experts) -> torch.Tensor:
+        E_local, D = experts.num_local, x_ND.shape[1]
         send_counts_RL = counts_E.view(self.ep_size, E_local).contiguous()
         recv_counts_RL = torch.empty_like(send_counts_RL)
         # Counts first. They keep the turn: the exchange is tiny, and handing over here would set the
@@ -65,13 +66,16 @@ class AllToAllExchange:
         # The exchange's one host sync: both split lists in one read-back.
         in_splits, out_splits = torch.stack([send_counts_RL.sum(dim=1), recv_counts_RL.sum(dim=1)]).tolist()
 
-        x_MD = _AllToAll.apply(x_ND, out_splits, in_splits, self)
+        # Each row travels with its combine weight as one more column: the experts apply it
+        # (k2train/model/moe.py), and one exchange carries both.
+        rows_MD = _AllToAll.apply(torch.cat([x_ND, weight_N], dim=1), out_splits, in_splits, self)
         # Arrivals are grouped by source rank; the grouped GEMM wants them grouped by local expert.
         local_expert_M = torch.arange(E_local, device=x_ND.device).repeat(self.ep_size)
         # output_size is known here; without it repeat_interleave reads the total back (another sync).
         local_expert_M = local_expert_M.repeat_interleave(recv_counts_RL.flatten(), output_size=sum(out_splits))
         by_expert_M = torch.argsort(local_expert_M, stable=True)
-        y_MD = experts(x_MD[by_expert_M], recv_counts_RL.sum(dim=0))
+        # Gathering the rows makes new, dense tensors: the weights' column is not carried into the GEMMs.
+        y_MD = experts(rows_MD[by_expert_M, :D].contiguous(), recv_counts_RL.sum(dim=0), rows_MD[by_expert_M, D:])
         y_MD = y_MD[torch.argsort(by_expert_M)]
         return _AllToAll.apply(y_MD, in_splits, out_splits, self)
 

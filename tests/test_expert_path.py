@@ -78,6 +78,7 @@ def test_all_to_all_exchange_reads_the_counts_back_once(monkeypatch, tmp_path):
     try:
         moe = _moe(False, False)
         x_ND = torch.randn(12, CFG.hidden_size, requires_grad=True)
+        weight_N = torch.rand(12, 1, requires_grad=True)  # the combine weights travel with the rows
         counts_E = torch.tensor([3, 0, 2, 1, 0, 4, 1, 1])
         calls = []
         tolist = torch.Tensor.tolist
@@ -93,10 +94,14 @@ def test_all_to_all_exchange_reads_the_counts_back_once(monkeypatch, tmp_path):
 
         monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
         monkeypatch.setattr(torch.Tensor, "repeat_interleave", sized_repeat_interleave)
-        y_ND = AllToAllExchange(dist.group.WORLD, 1)(x_ND, counts_E, moe.experts)
-        y_ND.sum().backward()
+        y_ND = AllToAllExchange(dist.group.WORLD, 1)(x_ND, weight_N, counts_E, moe.experts)
+        grad_ND = torch.randn_like(y_ND)
+        grads = torch.autograd.grad(y_ND, (x_ND, weight_N), grad_ND)
         monkeypatch.undo()
         assert calls == ["tolist"]
-        torch.testing.assert_close(y_ND, moe.experts.forward_loop(x_ND, counts_E), rtol=1e-5, atol=1e-6)
+        y_loop = moe.experts.forward_loop(x_ND, counts_E, weight_N)
+        torch.testing.assert_close(y_ND, y_loop, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, torch.autograd.grad(y_loop, (x_ND, weight_N), grad_ND)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()

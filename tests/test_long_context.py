@@ -88,5 +88,10 @@ def test_the_plan_shows_the_long_context_stage_memory():
     # Saved activations per micro-batch grow with its tokens (attention saves no S x S matrix).
     for stage, saved in long.saved.items():
         assert saved.total >= 7.9 * short.saved[stage].total, stage
-    assert long.as_built.activations > short.as_built.activations
+    # So do the activations in flight; with activation offload most of them wait in host memory
+    # (the device keeps what its budget allows), so they are compared in both places together.
+    def in_flight(r):
+        return r.as_built.activations + r.as_built.host_activations
+
+    assert in_flight(long) > 4 * in_flight(short)
     assert long.as_built.parameters == short.as_built.parameters

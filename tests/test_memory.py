@@ -60,14 +60,19 @@ def test_selective_recompute_keeps_the_gradients_and_saves_less():
         logits_re, grads_re = _run(recomputing, tokens)
         assert torch.equal(logits_plain, logits_re)
         for name, grad in grads_plain.items():
-            if fp8 and "down_proj" in name:
-                # With FP8 storage too, SwiGLU runs again from the FP8 gate and up
-                # (k2train/memory/fp8_recompute.py): the down-projection's weight gradient sees the
-                # dequantised SwiGLU output instead of the exact one; every other gradient is unchanged.
-                error = ((grads_re[name] - grad).norm() / grad.norm()).item()
+            if not fp8:
+                assert torch.equal(grad, grads_re[name]), name
+                continue
+            # With FP8 storage too, SwiGLU and the down-projection run again from the FP8 gate and
+            # up (k2train/memory/fp8_recompute.py): the down-projection's weight gradient sees the
+            # dequantised SwiGLU output instead of the exact one, and so does the routed experts'
+            # combine-weight gradient, which reaches the router directly and, much attenuated,
+            # everything before it.
+            error = ((grads_re[name] - grad).norm() / grad.norm()).item() if grad.norm() > 0 else 0.0
+            if "down_proj" in name or name.endswith("mlp.gate.weight"):
                 assert 0 < error <= 0.1, (name, error)
             else:
-                assert torch.equal(grad, grads_re[name]), (fp8, name)
+                assert error <= 0.01, (name, error)
     counts = {}
     for fp8, recompute in [(False, False), (False, True), (True, False), (True, True)]:
         model = K2Model(CFG, seed=2, policy=SavePolicy(fp8=fp8, recompute=recompute))

@@ -55,8 +55,9 @@ def test_offload_gives_the_same_gradients_bit_for_bit(fp8, recompute):
     for scope in plain:
         assert plain[scope][OFFLOADED] == 0
         assert off[scope][DEVICE] + off[scope][OFFLOADED] == plain[scope][DEVICE], scope
-    # What stays is integer bookkeeping (token ids, routing indices): a few bytes per token.
-    assert moved_saved.bytes.total(DEVICE) < 0.01 * moved_saved.bytes.total(OFFLOADED)
+    # What stays is integer bookkeeping (token ids, routing indices): a few bytes per token, under 2%
+    # of what moves even with both features on, which save the least floating-point bytes.
+    assert moved_saved.bytes.total(DEVICE) < 0.02 * moved_saved.bytes.total(OFFLOADED)
 
 
 @pytest.mark.parametrize("fp8,recompute", FEATURES)

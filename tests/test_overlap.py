@@ -10,7 +10,7 @@ import torch
 
 from multiproc import run_world
 from parallel.pipeline.overlap import Turns, check_overlap, overlap_runs
-from parallel.pipeline.schedule_table import Op, paired_order, paired_timeline, rank_order
+from parallel.pipeline.schedule_table import paired_order, paired_timeline, rank_order
 from test_parallel_training import BASE, layout_overrides
 
 

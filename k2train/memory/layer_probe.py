@@ -33,10 +33,10 @@ FEATURES = {  # the combinations the memory benchmarks report, in order
 }
 
 
-def fold_exchange(x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor:
+def fold_exchange(x_ND: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor:
     """Rows sorted by global expert -> the local experts, each taking a contiguous run of experts'
     rows (E / E_local experts each), so every row is computed once, as after the all-to-all."""
-    return experts(x_ND, counts_E.view(experts.num_local, -1).sum(dim=1))
+    return experts(x_ND, counts_E.view(experts.num_local, -1).sum(dim=1), weight_N)
 
 
 def moe_layer(cfg: ModelConfig, local_experts: int, seed: int = 0, policy: SavePolicy = SavePolicy()) -> K2Model:

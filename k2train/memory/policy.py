@@ -13,6 +13,12 @@ by expert) both run it, and each combination saves:
 - fp8: x once (shared by gate and up), gate and up as FP8 tiles; the SwiGLU output as is;
 - recompute: x, gate and up; SwiGLU and the down-projection run again in backward;
 - both: x, gate and up as FP8 tiles only; SwiGLU and down run again from them (fp8_recompute.py).
+
+The routed experts pass their combine weights as `scale`, one per row: the output rows are
+multiplied by them inside the down-projection's stage. With recomputation the multiplication runs
+again in backward too, so the down-projection's output, the largest tensor of a MoE layer, is not
+saved (K2 §2.4.3 recomputes the MoE down-projections); without it the multiplication saves that
+output, as a plain `y * w` would.
 """
 
 from __future__ import annotations
@@ -42,12 +48,13 @@ class SavePolicy:
 
 
 def swiglu_ffn(policy: SavePolicy, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-               w_down: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)), saving for backward what `policy` says.
+               w_down: torch.Tensor, offs: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) [* scale], saving for backward what `policy` says.
 
     Dense (offs None): x [..., D]; w_gate, w_up [I, D] and w_down [D, I] (nn.Linear weights) -> [..., D].
     Grouped (routed experts): x [N, D] sorted by expert; w_gate, w_up [E, D, I] and w_down [E, I, D]
-    (transposed views of the [E, out, in] stacks); offs int32 cumulative rows per expert -> [N, D].
+    (transposed views of the [E, out, in] stacks); offs int32 cumulative rows per expert -> [N, D];
+    scale [N, 1] in x's dtype, the rows' combine weights.
     """
     if policy.fp8:
         # x is quantised once and saved once for both projections.
@@ -57,10 +64,10 @@ def swiglu_ffn(policy: SavePolicy, x: torch.Tensor, w_gate: torch.Tensor, w_up: 
         gate, up = _project(x, w_gate, offs), _project(x, w_up, offs)
     if policy.recompute and policy.fp8:
         # Both features (K2 §2.4.3): only FP8 gate and up wait; SwiGLU and down run again from them.
-        return fp8_recomputed_swiglu_down(gate, up, w_down, offs)
+        return fp8_recomputed_swiglu_down(gate, up, w_down, offs, scale=scale)
     # The region's inputs are the activations only: the weights live anyway and are read inside.
     activate_down = partial(_activate_down, policy.fp8, w_down)
-    return recomputed(policy.recompute, activate_down, *((gate, up) if offs is None else (gate, up, offs)))
+    return recomputed(policy.recompute, activate_down, gate, up, offs, scale)
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
@@ -72,6 +79,7 @@ def _fp8_project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None, x_
 
 
 def _activate_down(fp8: bool, w_down: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                   offs: torch.Tensor | None = None) -> torch.Tensor:
+                   offs: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
     hidden = fp8_saved_swiglu(gate, up) if fp8 else F.silu(gate) * up
-    return _project(hidden, w_down, offs)
+    out = _project(hidden, w_down, offs)
+    return out if scale is None else out * scale

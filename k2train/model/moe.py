@@ -6,11 +6,18 @@ normalised to sum 1 and multiplied by `routed_scaling_factor`. No expert groupin
 The bias is a buffer, moved by `update_router_bias_` from the step's expert loads (DeepSeek-V3's
 aux-loss-free rule), never by gradients.
 
-The routed path is: sort the (token, expert) pairs by expert, hand the sorted rows to an
-`ExpertExchange`, which returns each row's expert output, then weight and scatter-add them back to
-their tokens. On one process the exchange runs the experts in place; with expert parallelism
-(`parallel/experts.py`) it sends rows to the rank owning their expert and back. The model
-only sees the interface, so it stays free of torch.distributed.
+The routed path is: sort the (token, expert) pairs by expert, hand the sorted rows and their
+combine weights to an `ExpertExchange`, which returns each row's expert output times its weight,
+then scatter-add them back to their tokens. On one process the exchange runs the experts in place;
+with expert parallelism (`parallel/experts.py`) it sends rows and weights to the rank owning their
+expert and the weighted outputs back. The model only sees the interface, so it stays free of
+torch.distributed.
+
+The weights are applied by the experts, after their down-projection, not after the exchange: with
+selective recomputation the multiplication is then recomputed with the down-projection, and
+neither the expert outputs nor the weighted outputs wait for backward (K2 §2.4.3 recomputes the
+MoE down-projections). The scatter-add saves only its row indices (`combine_rows`). The values are
+those of weighting after the exchange, bit for bit: the exchange only moves rows.
 """
 
 from __future__ import annotations
@@ -75,32 +82,57 @@ class Experts(nn.Module):
     def num_local(self) -> int:
         return self.gate_proj.shape[0]
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Rows of x_ND sorted by local expert, counts_E[e] rows for expert e -> their outputs."""
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of x_ND sorted by local expert, counts_E[e] rows for expert e -> their outputs, times
+        the rows' combine weights weight_N [N, 1] (x's dtype) when given."""
         if self.impl == "loop":
-            return self.forward_loop(x_ND, counts_E)
+            return self.forward_loop(x_ND, counts_E, weight_N)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         gate_EDI, up_EDI = self.gate_proj.transpose(-2, -1), self.up_proj.transpose(-2, -1)
-        return swiglu_ffn(self.policy, x_ND, gate_EDI, up_EDI, self.down_proj.transpose(-2, -1), offsets_E)
+        return swiglu_ffn(self.policy, x_ND, gate_EDI, up_EDI, self.down_proj.transpose(-2, -1), offsets_E,
+                          scale=weight_N)
 
-    def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None) -> torch.Tensor:
         """The reference: one plain SwiGLU per expert over its rows."""
         outputs = []
         for e, x_MD in enumerate(x_ND.split(counts_E.tolist())):
             h_MI = F.silu(x_MD @ self.gate_proj[e].T) * (x_MD @ self.up_proj[e].T)
             outputs.append(h_MI @ self.down_proj[e].T)
-        return torch.cat(outputs)
+        y_ND = torch.cat(outputs)
+        return y_ND if weight_N is None else y_ND * weight_N
 
 
 class ExpertExchange(Protocol):
-    """Runs the routed experts on rows sorted by global expert id (counts_E rows per expert)."""
+    """Runs the routed experts on rows sorted by global expert id (counts_E rows per expert) and
+    returns their outputs times the rows' combine weights weight_N [N, 1]."""
 
-    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor: ...
+    def __call__(self, x_ND: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor,
+                 experts: Experts) -> torch.Tensor: ...
 
 
-def local_exchange(x_ND: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor:
+def local_exchange(x_ND: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor, experts: Experts) -> torch.Tensor:
     """All experts live here: run them directly."""
-    return experts(x_ND, counts_E)
+    return experts(x_ND, counts_E, weight_N)
+
+
+class _CombineRows(torch.autograd.Function):
+    """zeros(T, D).index_add_(0, token_N, y_ND), saving only token_N: index_add_'s own backward
+    keeps its source alive, though the source's gradient is just the output's rows."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, token_N: torch.Tensor, tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(token_N)
+        return y_ND.new_zeros(tokens, y_ND.shape[1]).index_add_(0, token_N, y_ND)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        (token_N,) = ctx.saved_tensors
+        return grad_TD.index_select(0, token_N), None, None
+
+
+def combine_rows(y_ND: torch.Tensor, token_N: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each token's rows of y_ND summed: [N, D] -> [tokens, D], in row order."""
+    return _CombineRows.apply(y_ND, token_N, tokens)
 
 
 class MoE(nn.Module):
@@ -124,9 +156,9 @@ class MoE(nn.Module):
         top_k = routing.expert_TK.shape[1]
         order_N = torch.argsort(routing.expert_TK.flatten(), stable=True)
         token_N = order_N // top_k
-        y_ND = self.exchange(x_TD[token_N], routing.counts_E, self.experts)
-        y_ND = y_ND * routing.weight_TK.flatten()[order_N, None].to(y_ND.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        weight_N = routing.weight_TK.flatten()[order_N, None].to(x_TD.dtype)
+        y_ND = self.exchange(x_TD[token_N], weight_N, routing.counts_E, self.experts)
+        y_TD = combine_rows(y_ND, token_N, x_TD.shape[0])
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view_as(x_BSD), routing.counts_E

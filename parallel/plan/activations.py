@@ -188,16 +188,20 @@ def _moe(s: _Storages, cfg: ModelConfig, a: ActivationSettings) -> None:
     s.add("router.topk", 8 * T * K, kind="integer")
     s.add("router.weights", 4 * T * K)  # divided by their sum: numerator and denominator
     s.add("router.sum", 4 * T)
-    s.add("token_N", 8 * N, kind="integer")  # x_TD[token_N] and index_add_
+    s.add("token_N", 8 * N, kind="integer")  # x_TD[token_N] and the scatter-add back
     s.add("order_N", 8 * N, kind="integer")  # weight_TK.flatten()[order_N]
     if a.ep > 1:
         s.add("by_expert_M", 8 * N, kind="integer")  # arrivals regrouped by local expert
         s.add("unsort_M", 8 * N, kind="integer")  # and back
     s.add("offsets", 4 * (E // a.ep), kind="integer")
     _swiglu(s, a, "experts", "x_ND", N, D, cfg.moe_intermediate_size)
-    s.add("y_ND", p * N * D)  # expert outputs, times their combine weights
+    # The experts multiply their outputs by the combine weights (k2train/model/moe.py). With
+    # recomputation that runs again with the down-projection, which keeps only the weights; without
+    # it the multiplication keeps the down-projection's output too. The scatter-add back to the
+    # tokens keeps only token_N.
+    if not a.recompute:
+        s.add("y_ND", p * N * D)
     s.add("combine_w", p * N)
-    s.add("y_weighted", p * N * D)  # index_add_ source
     if cfg.num_shared_experts:
         _swiglu(s, a, "shared", "h2", T, D, cfg.moe_intermediate_size * cfg.num_shared_experts)
 
