@@ -54,6 +54,35 @@ def test_turns_alternate_at_every_hand_over_and_run_one_task_at_a_time():
     turns.close()
 
 
+def test_a_task_whose_input_is_still_on_the_wire_lets_the_other_run_first():
+    class Receive:  # a posted receive: pending until the other task has run
+        def __init__(self, done):
+            self.done, self.waited = done, False
+
+        def is_completed(self):
+            return self.done()
+
+        def wait(self):
+            self.waited = True
+
+    turns, log = Turns(), []
+    late = Receive(lambda: "B" in log)
+    ready = Receive(lambda: True)
+
+    def forward():
+        turns.wait_for([late])
+        log.append("F")
+
+    def backward():
+        turns.wait_for([ready])  # already here: keeps the turn
+        log.append("B")
+
+    turns.run_pair(forward, backward)
+    assert log == ["B", "F"] and late.waited and ready.waited
+    assert turns.hand_overs == 1
+    turns.close()
+
+
 def test_an_error_in_either_task_is_raised_after_both_end():
     turns, ended = Turns(), []
 

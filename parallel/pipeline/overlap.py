@@ -14,13 +14,15 @@ only when the turn comes back, where its result is needed (the tiny counts excha
 handing over there would set the other task's long segment beside it and the big exchanges beside
 short ones). So one task's all-to-all is on the wire
 while the other computes, and nothing runs concurrently on the host: no two threads compete for
-the GIL or the cores, and the order of every operation is the same on every rank and every run.
+the GIL or the cores. In a pipeline, each task also waits for its own received input where it
+starts (`Turns.wait_for`): while that input is still on the wire, the other task takes the turn.
 Free-running threads were measured slower than no overlap on gloo; taking turns is what the
 DualPipe-style schedules do by hand, here without splitting the model's code into phases.
 
-Collectives of one process group must be issued in the same order on every rank. Turn-taking
-makes the interleaving deterministic, and the backward's exchanges still go over a second EP group
-of the same ranks (`backward_expert_group`), so each group sees only forwards or only backwards.
+Collectives of one process group must be issued in the same order on every rank. Each task's own
+order is fixed, and the backward's exchanges go over a second EP group of the same ranks
+(`backward_expert_group`), so each group sees only forwards or only backwards, in the same order on
+every rank, however the two tasks' turns interleave.
 
 What it leaves unchanged. Only the backward task touches gradients, and backwards still run one
 after the other in micro-batch order, so gradient accumulation adds in the same order: results are
@@ -40,7 +42,7 @@ forwards do not disturb the byte accounting of the forward beside it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -88,6 +90,14 @@ class Turns:
             self.hand_overs += 1
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._holder == me)
+
+    def wait_for(self, works: Sequence[Any]) -> None:
+        """Wait for `works` (a task's pipeline receives); while they are still pending, the other
+        task takes a turn first, so that neither computes nor waits behind the other's input."""
+        if not all(work.is_completed() for work in works):
+            self.hand_over()
+        for work in works:
+            work.wait()
 
     def run_pair(self, first: Callable[[], Any], second: Callable[[], None]) -> Any:
         """Run `first` in this thread and `second` in the worker, taking turns; `first` starts.

@@ -56,7 +56,6 @@ try:
         _add_unshard_reshard,
         _ComputationType,
         _PipelineContext,
-        _wait_batch_p2p,
     )
     from torch.distributed.pipelining.stage import _RecvInfo
 except ImportError as error:
@@ -90,7 +89,6 @@ _SIGNATURES: dict[tuple[object, str], tuple[str, ...]] = {
 }
 _FUNCTIONS: dict[Callable, tuple[str, ...]] = {
     _make_tensor_from_meta: ("meta", "device"),
-    _wait_batch_p2p: ("work",),
     _add_reduce_grad: ("actions", "n_microbatches"),
     _add_send_recv: ("compute_actions", "stage_to_rank", "num_stages"),
     _add_unshard_reshard: ("compute_actions", "max_active_stages"),
@@ -240,18 +238,20 @@ def overlap_forward_backward(turns):
         stages = {stage.stage_index: stage for stage in schedule_stages(schedule)}
         f_stage, b_stage = stages[forward.stage_index], stages[backward.stage_index]
         f_mb, b_mb = forward.microbatch_index, backward.microbatch_index
-        # Both inputs were received before the pair (the looped placement has no two adjacent
-        # stages on one rank when pp > 1, so every input comes over the pipeline group).
-        if not f_stage.is_first:
-            _wait_batch_p2p(schedule.fwd_recv_ops.pop((forward.stage_index, f_mb)))
-        if not b_stage.is_last:
-            _wait_batch_p2p(schedule.bwd_recv_ops.pop((backward.stage_index, b_mb)))
+        # Each task waits for its own received input (the looped placement has no two adjacent
+        # stages on one rank when pp > 1, so every input comes over the pipeline group); while one
+        # is still on the wire, the other task takes its turn (Turns.wait_for). The runtime keeps a
+        # posted receive as its list of dist.Work.
+        f_recv = [] if f_stage.is_first else schedule.fwd_recv_ops.pop((forward.stage_index, f_mb))
+        b_recv = [] if b_stage.is_last else schedule.bwd_recv_ops.pop((backward.stage_index, b_mb))
 
         def run_forward() -> None:
+            turns.wait_for(f_recv)
             output = f_stage.forward_one_chunk(f_mb, ctx.arg_mbs[f_mb], ctx.kwarg_mbs[f_mb], save_forward_output=False)
             schedule._maybe_compute_loss(f_stage, output, ctx.target_mbs, f_mb)
 
         def run_backward() -> None:
+            turns.wait_for(b_recv)
             loss = schedule._maybe_get_loss(b_stage, b_mb)
             if backward.computation_type == C.BACKWARD_INPUT:  # its weight-gradient pass is counted when it runs
                 b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=False, last_backward=False)
