@@ -45,7 +45,6 @@ LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)
 def measure(payload: dict) -> dict:
     """On one rank: take the steps and time each step and its micro-batch loop."""
     from multiproc import tiny_rank
-
     from shaped_cluster import join
 
     join(int(os.environ["RANK"]), payload["cpu_share"])
