@@ -23,6 +23,7 @@ mounted under /run, where the ranks in the namespace see them.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class ShapedCluster:
     def create(self) -> None:
         if os.geteuid() != 0:
             raise SystemExit("bench-overlap creates a network namespace and cgroups, and needs root.")
+        missing = [tool for tool in ("ip", "tc", "nft") if shutil.which(tool) is None]
+        if missing:
+            raise SystemExit(f"bench-overlap needs {', '.join(missing)} on the PATH "
+                             "(Debian: apt-get install iproute2 nftables).")
         self.remove()  # a leftover of a killed run
         _run(["ip", "netns", "add", NAMESPACE])
         _run(["ip", "-n", NAMESPACE, "link", "set", "lo", "up"])
