@@ -38,9 +38,15 @@ def _run(command: list[str], **kwargs) -> None:
     subprocess.run(command, check=True, **kwargs)
 
 
+def _htb_minor(rank: int) -> int:
+    """`rank`'s htb class on the loopback's qdisc 1: is 1:(0x10 + rank); 1:1 is the unshaped rest."""
+    return 0x10 + rank
+
+
 def _class_id(rank: int) -> int:
-    """The net_cls class id of `rank`, 0x0001_00RR: htb class 1:(0x10 + rank) of the loopback's qdisc 1:."""
-    return 0x10000 + 0x10 + rank
+    """The net_cls class id of `rank`, 0x0001_00RR: the handle of its htb class, which the nftables
+    rule copies into the packet's priority."""
+    return 0x10000 + _htb_minor(rank)
 
 
 class ShapedCluster:
@@ -64,7 +70,7 @@ class ShapedCluster:
             for mount in (CPU, NET_CLS):
                 (mount / NAMESPACE / f"rank{rank}").mkdir(parents=True, exist_ok=True)
             (NET_CLS / NAMESPACE / f"rank{rank}" / "net_cls.classid").write_text(str(_class_id(rank)))
-            rules.append(f"meta cgroup {_class_id(rank):#x} meta priority set 1:{0x10 + rank:x}")
+            rules.append(f"meta cgroup {_class_id(rank):#x} meta priority set 1:{_htb_minor(rank):x}")
         table = ("table inet k2bench {\n chain out {\n  type filter hook output priority 0; policy accept;\n  "
                  + "\n  ".join(rules) + "\n }\n}\n")
         _run(["ip", "netns", "exec", NAMESPACE, "nft", "-f", "-"], input=table.encode())
@@ -77,7 +83,7 @@ class ShapedCluster:
         tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1")
         tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit", "quantum", "200000")
         for rank in range(MAX_RANKS):
-            tc("class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{0x10 + rank:x}", "htb", "rate", rate,
+            tc("class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{_htb_minor(rank):x}", "htb", "rate", rate,
                "burst", burst, "quantum", "20000")
 
     def remove(self) -> None:
