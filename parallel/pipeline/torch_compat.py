@@ -52,6 +52,7 @@ try:
     from torch.distributed.pipelining.schedules import (
         _Action,
         _add_reduce_grad,
+        _batch_p2p,
         _add_send_recv,
         _add_unshard_reshard,
         _ComputationType,
@@ -86,22 +87,26 @@ _SIGNATURES: dict[tuple[object, str], tuple[str, ...]] = {
     (ScheduleInterleaved1F1B, "register_custom_function"): ("computation_type", "custom_function"),
     (ScheduleInterleaved1F1B, "_maybe_compute_loss"): ("stage", "output", "target_mbs", "mb_index"),
     (ScheduleInterleaved1F1B, "_maybe_get_loss"): ("stage", "mb_index"),
+    (ScheduleInterleaved1F1B, "_prepare_schedule_with_comms"): ("actions", "format"),
+    (ScheduleInterleaved1F1B, "_step_microbatches"): ("arg_mbs", "kwarg_mbs", "target_mbs", "losses"),
+    (PipelineStage, "get_fwd_send_ops"): ("fwd_chunk_id",),
 }
 _FUNCTIONS: dict[Callable, tuple[str, ...]] = {
     _make_tensor_from_meta: ("meta", "device"),
     _add_reduce_grad: ("actions", "n_microbatches"),
     _add_send_recv: ("compute_actions", "stage_to_rank", "num_stages"),
     _add_unshard_reshard: ("compute_actions", "max_active_stages"),
+    _batch_p2p: ("p2p_ops", "desc"),
 }
 # Instance attributes read here, set by the owner's __init__ (or a base class's).
 _ATTRIBUTES: dict[type, tuple[str, ...]] = {
     PipelineStage: ("args_recv_info", "grad_recv_info", "has_backward", "stage_index", "device"),
     ScheduleInterleaved1F1B: ("_stages", "_n_microbatches", "pp_group_size", "n_local_stages", "fwd_recv_ops",
-                              "bwd_recv_ops", "backward_counter", "pipeline_order"),
+                              "bwd_recv_ops", "backward_counter", "pipeline_order", "_num_stages"),
 }
 _ACTION_FIELDS = ("stage_index", "computation_type", "microbatch_index", "sub_actions")
-_KINDS = ("FORWARD", "FULL_BACKWARD", "BACKWARD_INPUT", "BACKWARD_WEIGHT", "OVERLAP_F_B", "RECV_F", "RECV_B",
-          "UNSHARD", "RESHARD")
+_KINDS = ("FORWARD", "FULL_BACKWARD", "BACKWARD_INPUT", "BACKWARD_WEIGHT", "OVERLAP_F_B", "SEND_F", "RECV_F",
+          "RECV_B", "UNSHARD", "RESHARD")
 _CONTEXT_FIELDS = ("schedule_ref", "arg_mbs", "kwarg_mbs", "target_mbs")
 
 
@@ -210,6 +215,22 @@ class PairedInterleaved1F1B(TheoryInterleaved1F1B):
         return paired_actions(self.pp_group_size, self.n_local_stages, self._n_microbatches, rank,
                               self.split_backward)
 
+    def _prepare_schedule_with_comms(self, actions, format="compute_only") -> None:
+        super()._prepare_schedule_with_comms(actions, format)
+        self.pipeline_order_with_comms = {rank: without_paired_forward_sends(line, self._num_stages)
+                                          for rank, line in self.pipeline_order_with_comms.items()}
+
+    def _step_microbatches(self, *args, **kwargs):
+        # A paired forward's output leaves as soon as that forward ends (`overlap_forward_backward`),
+        # not after the whole pair: the next stage's rank gets it a backward earlier.
+        self.early_sends: list[list] = []
+        result = super()._step_microbatches(*args, **kwargs)
+        for works in self.early_sends:
+            for work in works:
+                work.wait()
+        self.early_sends = []
+        return result
+
 
 class PairedInterleavedZeroBubble(PairedInterleaved1F1B):
     """The same pairs with each backward split: the input-gradient pass in the pair, the deferred
@@ -219,6 +240,28 @@ class PairedInterleavedZeroBubble(PairedInterleaved1F1B):
 
 
 # ---- the pairs: the runtime's function for an OVERLAP_F_B action ------------------------------
+
+def without_paired_forward_sends(line: Sequence[_Action], num_stages: int) -> list[_Action]:
+    """A rank's lowered actions without the SEND_F of each paired forward, which
+    `overlap_forward_backward` sends itself when that forward ends. torch's lowering puts it right
+    after its OVERLAP_F_B action, before any other send, so sending it earlier inside the pair keeps
+    the order of this rank's sends, which is the order its peers post the receives in."""
+    out: list[_Action] = []
+    sent_early = None
+    for i, action in enumerate(line):
+        if action == sent_early:
+            continue
+        sent_early = None
+        if action.computation_type == C.OVERLAP_F_B and action.sub_actions[0].stage_index != num_stages - 1:
+            forward = action.sub_actions[0]
+            sent_early = _Action(forward.stage_index, C.SEND_F, forward.microbatch_index)
+            if line[i + 1:i + 2] != [sent_early]:
+                raise RuntimeError(f"torch {torch.__version__} does not lower {action} with its {sent_early} right "
+                                   "after it; sending that forward's output early could reorder this rank's sends "
+                                   "(parallel/pipeline/torch_compat.py without_paired_forward_sends).")
+        out.append(action)
+    return out
+
 
 def schedule_stages(schedule) -> list[PipelineStage]:
     """The stages a torch schedule runs: this rank's virtual stages, in stage order (torch keeps
@@ -249,6 +292,8 @@ def overlap_forward_backward(turns):
             turns.wait_for(f_recv)
             output = f_stage.forward_one_chunk(f_mb, ctx.arg_mbs[f_mb], ctx.kwarg_mbs[f_mb], save_forward_output=False)
             schedule._maybe_compute_loss(f_stage, output, ctx.target_mbs, f_mb)
+            if not f_stage.is_last:  # the SEND_F the lowering had after the pair (without_paired_forward_sends)
+                schedule.early_sends.append(_batch_p2p(f_stage.get_fwd_send_ops(f_mb)))
 
         def run_backward() -> None:
             turns.wait_for(b_recv)
