@@ -34,10 +34,14 @@ ROOT = Path(__file__).parents[1]
 HERE = Path(__file__).resolve().parent
 QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=false"]
 # Longer sequences than the tiny config's default, so each exchange carries enough bytes to be
-# slowed by the shaped link; 16 micro-batches per data rank.
-# Wider than the tiny config too, so compute is mostly in torch kernels rather than in Python.
+# slowed by the shaped link. Wider than the tiny config too, so compute is mostly in torch kernels
+# rather than in Python. Two layers per virtual stage and 4 of 8 experts per token, so that a stage's
+# expert exchanges carry 8 times the bytes of its pipeline send (the tiny config's shape: 2 times;
+# K2's, 4 layers of 8 experts per stage: about 60 times); otherwise the pipeline sends' latency,
+# which no schedule hides, would stand for a third of the link's time.
 SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
-         "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512"]
+         "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512",
+         "model.num_layers=8", "model.experts_per_token=4"]
 LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)": (2, 1, 2, 1),
            "pp1xep4 (4 processes)": (1, 1, 4, 1), "pp1xep2 (2 processes)": (1, 1, 2, 1)}
 
@@ -113,8 +117,8 @@ def torch_barrier() -> None:
 
 
 def layout_overrides(pp: int, vp: int, ep: int, dp: int, overlap: str) -> list[str]:
-    micro = 16  # warm-up forwards and cool-down backwards run unpaired: a long steady state
-    tokens = 128 * 2 * micro * dp
+    micro = 16  # per rank: warm-up forwards and cool-down backwards run unpaired, so a long steady state
+    tokens = 128 * 2 * micro * dp * ep  # every EP rank reads its own micro-batches
     return [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
             f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
 
@@ -196,7 +200,7 @@ def inside(args) -> None:
 
 def report(results: dict, args) -> None:
     cores = os.cpu_count()
-    print(f"\nk2_tiny (hidden 256), seq 128 x 2 per micro-batch, 16 micro-batches per data rank, {args.steps} steps "
+    print(f"\nk2_tiny (hidden 256, 8 layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, 16 micro-batches per rank, {args.steps} steps "
           f"(median of steps 2+, then of {args.repeats} runs), every rank's link shaped to {args.rate} (htb burst {args.burst}) and given {cores}/ranks of the {cores} cores; times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
@@ -251,7 +255,7 @@ def outside(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", default="100mbit", help="link rate of every rank")
+    parser.add_argument("--rate", default="150mbit", help="link rate of every rank")
     # Just above the loopback's 64 KiB packets: a larger bucket refills during compute and lets each
     # exchange's first bytes through at once, hiding part of the link time from the plain run.
     parser.add_argument("--burst", default="80kb", help="htb burst of every rank's link")

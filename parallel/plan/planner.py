@@ -24,6 +24,7 @@ from parallel.plan.activations import ActivationSettings, Saved, stage_offloaded
 from parallel.plan.memory import (
     GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
 from parallel.plan.offload import AUTO, RankOffload, budget_bytes, offloaded_keys, rank_offload
+from parallel.plan.paired_time import paired_exposed_s
 from parallel.pipeline.overlap import overlap_runs
 from parallel.plan.cost import (
     Hardware, LinkTraffic, bubble, collective_seconds, link_seconds)
@@ -79,6 +80,7 @@ class RankPlan:
     traffic: tuple[LinkTraffic, ...]
     update_s: float  # reduce-scatter, all-gather and the optimizer update
     configured: tuple[bool, bool, bool]  # the config's (fp8, recompute, activation offload)
+    ep_paired_exposed_s: float  # the EP all-to-all the paired order leaves exposed (paired_time.py)
     offload: RankOffload | None = None  # with activation offload: its budget, keys and bytes
 
     @property
@@ -152,10 +154,12 @@ def rank_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, pp: int) -> Ra
 def _exposed_as_built(r: RankPlan, ep_hidden: bool) -> float:
     """A rank's schedule time as the runtime runs it: compute, plus what overlapped traffic exceeds
     it, plus the whole EP all-to-all unless the runtime overlaps it (parallel.overlap, see
-    parallel/pipeline/overlap.py `overlap_runs`)."""
-    ep = 0.0 if ep_hidden else sum(t.seconds for t in r.traffic if t.name == "EP all-to-all")
-    rest = sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic
-               if t.overlapped and (ep_hidden or t.name != "EP all-to-all"))
+    parallel/pipeline/overlap.py `overlap_runs`), and then what its pairs leave exposed
+    (paired_time.py), or what exceeds the compute if that is more."""
+    ep = sum(t.seconds for t in r.traffic if t.name == "EP all-to-all")
+    if ep_hidden:
+        ep = max(r.ep_paired_exposed_s, ep - r.compute_s)
+    rest = sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic if t.overlapped and t.name != "EP all-to-all")
     return r.compute_s + ep + rest
 
 
@@ -221,13 +225,20 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
                                as_built.static + as_built.activations + as_built.boundary, pp)
         peak = replace(peak, device=peak.device + offload.device_peak, host=offload.host_peak)
         as_built, ideal = _memories(cfg, dense, expert, peak, buffers, p)
-    compute_s = sum(m * T * stage_train_flops(cfg.model, a.seq, split[s], s == last, a.recompute, attention == "fused")
-                    for s in stages) / (hw.peak_tflops * 1e12 * hw.efficiency)
+    rate = hw.peak_tflops * 1e12 * hw.efficiency
+    fused = attention == "fused"
+    total_s = {s: T * stage_train_flops(cfg.model, a.seq, split[s], s == last, a.recompute, fused) / rate for s in stages}
+    forward_s = {s: T * stage_train_flops(cfg.model, a.seq, split[s], s == last, False, fused) / 3 / rate for s in stages}
+    compute_s = m * sum(total_s.values())
+    exchange_s = {s: link_seconds(_exchange_bytes(cfg, layout, split[s], p), _local_fraction(layout), hw) for s in stages}
+    ep_paired_exposed_s = paired_exposed_s(layout.pp, layout.vp, m, pp, forward_s,
+                                           {s: total_s[s] - forward_s[s] for s in stages}, exchange_s)
     traffic = _traffic(cfg, layout, hw, pp, m, split, dense, expert, compute_s, p,
                        offload.host_bytes if offload else 0)
     update_s = sum(t.seconds for t in traffic if not t.overlapped)
     return RankPlan(pp, tuple(stages), tuple(split[s] for s in stages), dense.held, expert.held, dense, expert,
-                    saved, features, buffers, as_built, ideal, compute_s, traffic, update_s, configured, offload)
+                    saved, features, buffers, as_built, ideal, compute_s, traffic, update_s, configured,
+                    ep_paired_exposed_s, offload)
 
 
 def _stage_saved(cfg: JobConfig, a: ActivationSettings, split: list[range], stage: int, offload: bool) -> Saved:
@@ -279,10 +290,9 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
     model = cfg.model
     T, D = cfg.train.micro_batch_size * cfg.data.seq_len, model.hidden_size
     stages = layout.stage_indices(pp)
-    moe_layers = sum(1 for s in stages for i in split[s] if i >= model.first_dense_layers)
     local = _local_fraction(layout)
-    # Dispatch and combine in the forward, their transposes in the backward; (ep-1)/ep of the rows leave.
-    ep_bytes = 4 * m * moe_layers * T * model.experts_per_token * D * p * (layout.ep - 1) // max(layout.ep, 1)
+    # The forward's exchanges and their transposes in the backward.
+    ep_bytes = 2 * m * sum(_exchange_bytes(cfg, layout, split[s], p) for s in stages)
     sends = sum(m * p * T * D for s in stages if s < layout.num_stages - 1)
     sends += sum(m * p * T * D for s in stages if s > 0)
     spans = _spans_nodes(layout)
@@ -314,6 +324,15 @@ def _traffic(cfg: JobConfig, layout: Layout, hw: Hardware, pp: int, m: int, spli
                   update, "PCIe" if cfg.memory.optimizer_offload else "device"))
     return tuple(LinkTraffic(name, int(nbytes), seconds, name in _OVERLAPPED, where, seconds <= compute_s)
                  for name, nbytes, seconds, where in items)
+
+
+def _exchange_bytes(cfg: JobConfig, layout: Layout, layers: range, p: int) -> int:
+    """Bytes one micro-batch's forward sends through the EP all-to-all in `layers` (its backward
+    sends as many): dispatch and combine of every MoE layer; (ep-1)/ep of the rows leave the rank."""
+    model = cfg.model
+    moe_layers = sum(1 for i in layers if i >= model.first_dense_layers)
+    rows = cfg.train.micro_batch_size * cfg.data.seq_len * model.experts_per_token
+    return 2 * moe_layers * rows * model.hidden_size * p * (layout.ep - 1) // max(layout.ep, 1)
 
 
 def _where(spans: bool, size: int) -> str:

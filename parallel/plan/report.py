@@ -303,8 +303,11 @@ def _ideal_states(r: RankPlan) -> int:
 
 
 def _ep_overlap_text(plan: Plan) -> str:
-    """Whether this plan's runtime hides the EP all-to-all under compute (parallel/pipeline/overlap.py)."""
+    """How much of the EP all-to-all this plan's runtime hides (parallel/pipeline/overlap.py; the
+    pairs' share: parallel/plan/paired_time.py)."""
     p = plan.cfg.parallel
     if overlap_runs(p.overlap, plan.layout.ep):
-        return "EP all-to-all hidden under the paired micro-batch, parallel.overlap=ep"
+        exposed = max(r.ep_paired_exposed_s for r in plan.ranks)
+        return (f"EP all-to-all under the paired micro-batch, parallel.overlap=ep; up to {exposed:,.1f} s of it "
+                "exposed, in the unpaired warm-up and cool-down and where a pair's compute is shorter")
     return f"EP all-to-all exposed: parallel.overlap={p.overlap}"
