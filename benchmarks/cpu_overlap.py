@@ -127,17 +127,19 @@ def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, dat
     from multiproc import run_world
 
     world = pp * ep * dp
-    share = min(1.0, (os.cpu_count() or 1) / world)  # every rank the same share of the cores, as if its own
     return run_world(world, "cpu_overlap:measure",
                      dict(overrides=layout_overrides(pp, vp, ep, dp, overlap), data=data, steps=steps,
-                          replay=overlap == "none", cpu_share=share), timeout=900)
+                          replay=overlap == "none", cpu_share=cpu_share(world)), timeout=900)
 
 
-def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rate_bytes_s: float) -> dict[str, float]:
+def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rate_bytes_s: float,
+                  link_s: float) -> dict[tuple[str, str], float]:
     """`k2train plan`'s schedule time (as built, without the update after it) for this layout, overlap
-    off and on, calibrated to this machine: the compute rate chosen so that the plan's unshaped
-    schedule (compute and bubble, no link time) equals the measured plain loop on the unshaped
-    loopback; every rank has a link of its own at the shaped rate, as the plan assumes."""
+    off and on, calibrated to this machine, keyed by (link, overlap). Compute: the rate chosen so
+    that the plan's unshaped schedule (compute and bubble, no link time) equals the measured plain
+    loop on the unshaped loopback. Link, every rank its own as the plan assumes: "shaped", the rate
+    tc shapes it to; "replayed", the rate at which the slowest rank's replay (`link_s`) moved the
+    plan's bytes, which also pays what a transfer costs beyond its bytes."""
     from dataclasses import replace
 
     from k2train.config.load import load_config
@@ -146,19 +148,27 @@ def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rat
     from parallel.plan.cost import HARDWARE
 
     pp, vp, ep, dp = layout
-    world = pp * ep * dp
+
+    def plan(overlap: str, hw):
+        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", layout_overrides(pp, vp, ep, dp, overlap))
+        lay = make_layout(pp * ep * dp, cfg.parallel, num_layers=cfg.model.num_layers,
+                          num_experts=cfg.model.num_experts, micro_batches=None)
+        return make_plan(cfg, lay, hw)
 
     def schedule_s(overlap: str, hw) -> float:
-        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", layout_overrides(pp, vp, ep, dp, overlap))
-        lay = make_layout(world, cfg.parallel, num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
-                          micro_batches=None)
-        plan = make_plan(cfg, lay, hw)
-        return plan.step_built_s - max(r.update_s for r in plan.ranks)
+        built = plan(overlap, hw)
+        return built.step_built_s - max(r.update_s for r in built.ranks)
+
+    def linked(rate: float, link_bytes_s: float):
+        return replace(fast, peak_tflops=rate, nvlink_gbs=link_bytes_s / 1e9, network_gbs=link_bytes_s / 1e9)
 
     fast = replace(HARDWARE["h800"], peak_tflops=1.0, efficiency=1.0, nvlink_gbs=1e12, network_gbs=1e12, pcie_gbs=1e12)
     rate = schedule_s("none", fast) / unshaped_loop_s  # TFLOP/s that make the plan's compute this CPU's
-    shaped = replace(fast, peak_tflops=rate, nvlink_gbs=rate_bytes_s / 1e9, network_gbs=rate_bytes_s / 1e9)
-    return {overlap: schedule_s(overlap, shaped) for overlap in ("none", "ep")}
+    a2a_s = max(t.seconds for r in plan("none", linked(rate, rate_bytes_s)).ranks for t in r.traffic
+                if t.name == "EP all-to-all")
+    rates = {"shaped": rate_bytes_s, "replayed": rate_bytes_s * a2a_s / link_s}
+    return {(link, overlap): schedule_s(overlap, linked(rate, link_rate))
+            for link, link_rate in rates.items() for overlap in ("none", "ep")}
 
 
 def rate_bytes(rate: str) -> float:
@@ -181,10 +191,10 @@ def inside(args) -> None:
         data = str(Path(tmp) / "sources")
         prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), Path(data), "byte")
         results: dict[tuple[str, str, str], list[dict]] = {}
-        for link in ("unshaped", "shaped"):
-            if link == "shaped":
-                ShapedCluster().shape(args.rate, args.burst)
-            for name, layout in _chosen(args).items():
+        for name, layout in _chosen(args).items():
+            for link in ("unshaped", "shaped"):
+                if link == "shaped":
+                    ShapedCluster().shape(layout_rate(args.rate, layout), args.burst)
                 runs: dict[str, list[list[dict]]] = {"none": [], "ep": []}
                 for _ in range(args.repeats):  # off and on alternate, so a load change hits both
                     for overlap in ("none", "ep"):
@@ -195,19 +205,32 @@ def inside(args) -> None:
                     results[name, link, overlap] = [
                         {k: statistics.median(rep[rank][k] for rep in reps) for k in reps[0][rank]}
                         for rank in range(len(reps[0]))]
+            ShapedCluster().unshape()
     report(results, args)
+
+
+def cpu_share(world: int) -> float:
+    """Every rank the same share of the cores, as if its own."""
+    return min(1.0, (os.cpu_count() or 1) / world)
+
+
+def layout_rate(rate: str, layout: tuple[int, int, int, int]) -> str:
+    """`rate` is the 8-process layout's link; ranks with a larger CPU share compute faster, and get a
+    link faster by as much, so every layout's link keeps the same speed relative to its compute."""
+    pp, _, ep, dp = layout
+    return f"{rate_bytes(rate) * 8 * cpu_share(pp * ep * dp) / cpu_share(8) / 1e3:.0f}kbit"
 
 
 def report(results: dict, args) -> None:
     cores = os.cpu_count()
     print(f"\nk2_tiny (hidden 256, 8 layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, 16 micro-batches per rank, {args.steps} steps "
-          f"(median of steps 2+, then of {args.repeats} runs), every rank's link shaped to {args.rate} (htb burst {args.burst}) and given {cores}/ranks of the {cores} cores; times in s.\n"
+          f"(median of steps 2+, then of {args.repeats} runs), every rank given {cores}/ranks of the {cores} cores and its link shaped to {args.rate} x its share / the 8-process layout's (htb burst {args.burst}); times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
           "exposed: loop - compute; best: max(compute, link), the loop if every exchange hid under compute "
           "or the link never idled")
     for name in _chosen(args):
-        print(f"\n{name}")
+        print(f"\n{name}, links at {layout_rate(args.rate, LAYOUTS[name])}")
         print("  rank  overlap  step    loop    compute  link    exposed  best    loop/plain  exposed/plain  best/plain")
         plain = results[name, "shaped", "none"]
         for overlap in ("none", "ep"):
@@ -223,11 +246,12 @@ def report(results: dict, args) -> None:
                                 for p, u in zip(plain, results[name, "unshaped", "none"]))
         print(f"  mean share of the plain loop spent waiting on the all-to-all: {share:.2f}")
         unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
-        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(args.rate))
-        for overlap in ("none", "ep"):
+        link_s = max(r["comm"] for r in plain)
+        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(layout_rate(args.rate, LAYOUTS[name])), link_s)
+        for (link, overlap), planned_s in planned.items():
             measured = max(r["loop"] for r in results[name, "shaped", overlap])
-            print(f"  plan (as built, calibrated) overlap={overlap}: {planned[overlap]:.3f} s, measured slowest rank "
-                  f"{measured:.3f} s, plan/measured {planned[overlap] / measured:.2f}")
+            print(f"  plan (as built, compute calibrated, link at the {link} rate) overlap={overlap}: {planned_s:.3f} s, "
+                  f"measured slowest rank {measured:.3f} s, plan/measured {planned_s / measured:.2f}")
 
 
 def _chosen(args) -> dict[str, tuple[int, int, int, int]]:
@@ -255,7 +279,7 @@ def outside(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", default="150mbit", help="link rate of every rank")
+    parser.add_argument("--rate", default="150mbit", help="link rate of every rank of the 8-process layout")
     # Just above the loopback's 64 KiB packets: a larger bucket refills during compute and lets each
     # exchange's first bytes through at once, hiding part of the link time from the plain run.
     parser.add_argument("--burst", default="80kb", help="htb burst of every rank's link")

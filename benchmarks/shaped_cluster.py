@@ -76,15 +76,20 @@ class ShapedCluster:
         _run(["ip", "netns", "exec", NAMESPACE, "nft", "-f", "-"], input=table.encode())
 
     def shape(self, rate: str, burst: str) -> None:
-        """Every rank's outgoing traffic at `rate` (a tc rate, e.g. 200mbit); the rest unshaped."""
+        """Every rank's outgoing traffic at `rate` (a tc rate, e.g. 200mbit); the rest unshaped. Called
+        again, it changes the rate; `unshape` removes the shaping."""
         def tc(*args: str) -> None:
             _run(["ip", "netns", "exec", NAMESPACE, "tc", *args])
 
-        tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1")
-        tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit", "quantum", "200000")
+        tc("qdisc", "replace", "dev", "lo", "root", "handle", "1:", "htb", "default", "1")
+        tc("class", "replace", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit", "quantum", "200000")
         for rank in range(MAX_RANKS):
-            tc("class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{_htb_minor(rank):x}", "htb", "rate", rate,
+            tc("class", "replace", "dev", "lo", "parent", "1:", "classid", f"1:{_htb_minor(rank):x}", "htb", "rate", rate,
                "burst", burst, "quantum", "20000")
+
+    def unshape(self) -> None:
+        """The loopback unshaped again."""
+        subprocess.run(["ip", "netns", "exec", NAMESPACE, "tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
 
     def remove(self) -> None:
         """Everything `create` made, whatever exists of it; the ranks must have exited."""

@@ -295,7 +295,8 @@ if __name__ == "__main__":
 def test_ep_all_to_all_is_hidden_as_built_only_where_the_runtime_overlaps_it(k2_plan):
     """K2 §2.4's overlap: without parallel.overlap each exchange blocks its micro-batch, so as built the
     step pays all of it; with overlap=ep and the interleaved 1F1B it hides but for what the pairs
-    leave exposed (the warm-up and cool-down of 1024 micro-batches: a few percent of it), at the
+    leave exposed (the warm-up and cool-down of 1024 micro-batches: a few percent of it; as built
+    each step also waits for its pipeline input, overlap or not), at the
     price of one more micro-batch in flight (the extra warm-up forward)."""
     import dataclasses
 
@@ -308,17 +309,31 @@ def test_ep_all_to_all_is_hidden_as_built_only_where_the_runtime_overlaps_it(k2_
     assert on.step_s == pytest.approx(k2_plan.step_s)
     exposed = max(r.ep_paired_exposed_s for r in on.ranks)
     assert 0 < exposed < 0.1 * ep_s
-    assert on.step_s < on.step_built_s <= on.step_s + exposed + 1e-9
+    waits = max(r.input_wait_s for r in on.ranks)
+    assert on.step_s < on.step_built_s <= on.step_s + exposed + waits + 1e-9
     for before, after in zip(k2_plan.ranks, on.ranks):
         assert after.as_built.device_peak > before.as_built.device_peak
 
 
 def test_paired_exposure_is_what_neither_task_of_a_pair_hides():
-    """parallel/plan/paired_time.py against a direct count of pp=1's paired order over 3 micro-batches:
+    """parallel/plan/exposed_time.py against a direct count of pp=1's paired order over 3 micro-batches:
     F0 alone, (F1, B0), (F2, B1), B2 alone. Forward 1 s, backward 2 s, exchanges 1.5 s each way: the
     lone forward and backward wait 1.5 s each; in a pair the forward's exchanges hide under the
     backward's 2 s, the backward's exceed the forward's 1 s by 0.5 s."""
-    from parallel.plan.paired_time import paired_exposed_s
+    from parallel.plan.exposed_time import paired_exposed_s
 
     assert paired_exposed_s(1, 1, 3, 0, {0: 1.0}, {0: 2.0}, {0: 1.5}) == pytest.approx(1.5 + 0.5 + 0.5 + 1.5)
     assert paired_exposed_s(1, 1, 3, 0, {0: 1.0}, {0: 2.0}, {0: 0.5}) == pytest.approx(0.5 + 0.5)
+
+
+def test_input_waits_count_the_steps_that_receive_from_another_rank():
+    """parallel/plan/exposed_time.py against the orders written out. pp=2, 2 micro-batches, plain:
+    rank 0 (stage 0) runs F F B B and only its backwards receive; rank 1 (the last stage) runs
+    F B F B and only its forwards receive. Paired over 4 micro-batches, rank 0 runs F F F (F3, B0)
+    B B B: four steps with a backward; rank 1 runs F (F1, B0) (F2, B1) (F3, B2) B: four with a
+    forward. One pipeline rank receives nothing."""
+    from parallel.plan.exposed_time import input_waits
+
+    assert [input_waits(2, 1, 2, rank, paired=False) for rank in (0, 1)] == [2, 2]
+    assert [input_waits(2, 1, 4, rank, paired=True) for rank in (0, 1)] == [4, 4]
+    assert input_waits(1, 1, 4, 0, paired=True) == 0

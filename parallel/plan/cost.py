@@ -1,10 +1,11 @@
 """The hardware a plan is made for, the communication of a step, and a roofline step time.
 
 The estimate is deliberately simple and states its assumptions (listed by `assumptions`):
-compute runs at a fixed fraction of the GPU's peak BF16 rate; the EP all-to-all (as built only
-with parallel.overlap=ep, parallel/pipeline/overlap.py; the ideal always) and the pipeline sends hide under
-compute when they take less time (K2 §2.4: extra warm-up micro-batches of
-interleaved 1F1B hide the all-to-all, the weight-gradient split hides the PP sends); the gradient
+compute runs at a fixed fraction of the GPU's peak BF16 rate; the EP all-to-all and the pipeline
+sends hide under compute when they take less time (K2 §2.4: extra warm-up micro-batches of
+interleaved 1F1B hide the all-to-all, the weight-gradient split hides the PP sends); as built, only
+what the runtime hides is (parallel/plan/exposed_time.py, with parallel.overlap=ep
+parallel/pipeline/overlap.py); the gradient
 reduce-scatter, the parameter all-gather and the optimizer update run after the schedule, exposed
 (as `parallel/runner.py` runs them); the pipeline adds its bubble (p - 1) / (v * m).
 """
@@ -109,8 +110,11 @@ def assumptions(hw: Hardware, attention: str) -> list[str]:
            if attention == "fused" else
            "the eager path: keeps the S x S probabilities, computes the whole square)"),
         "routing is balanced: every EP rank receives as many routed rows as it sends (T x top-k)",
-        "EP all-to-all (as built only with parallel.overlap=ep; otherwise all of it is added), pipeline sends and "
-        "activation offload copies hide under compute when shorter than it (K2 §2.4); what exceeds compute is added",
+        "EP all-to-all, pipeline sends and activation offload copies hide under compute when shorter than it "
+        "(K2 §2.4); what exceeds compute is added. As built: the EP all-to-all hides only with parallel.overlap=ep "
+        "(otherwise all of it is added), and then not in the unpaired warm-up and cool-down, nor where it outlasts "
+        "the paired task's compute; every schedule step that takes its input from another pipeline rank waits "
+        "for that transfer (parallel/plan/exposed_time.py)",
         "gradient reduce-scatter, parameter all-gather and the optimizer update run after the pipeline "
         "schedule, not overlapped (parallel/runner.py); ring collectives at the slowest link's rate",
         "pipeline bubble (p - 1) / (v * m) of the busiest pipeline rank's compute; "

@@ -24,7 +24,7 @@ from parallel.plan.activations import ActivationSettings, Saved, stage_offloaded
 from parallel.plan.memory import (
     GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
 from parallel.plan.offload import AUTO, RankOffload, budget_bytes, offloaded_keys, rank_offload
-from parallel.plan.paired_time import paired_exposed_s
+from parallel.plan.exposed_time import input_waits, paired_exposed_s
 from parallel.pipeline.overlap import overlap_runs
 from parallel.plan.cost import (
     Hardware, LinkTraffic, bubble, collective_seconds, link_seconds)
@@ -80,7 +80,8 @@ class RankPlan:
     traffic: tuple[LinkTraffic, ...]
     update_s: float  # reduce-scatter, all-gather and the optimizer update
     configured: tuple[bool, bool, bool]  # the config's (fp8, recompute, activation offload)
-    ep_paired_exposed_s: float  # the EP all-to-all the paired order leaves exposed (paired_time.py)
+    ep_paired_exposed_s: float  # the EP all-to-all the paired order leaves exposed (exposed_time.py)
+    input_wait_s: float  # as built, waiting for the pipeline's inputs (exposed_time.py `input_waits`)
     offload: RankOffload | None = None  # with activation offload: its budget, keys and bytes
 
     @property
@@ -154,13 +155,14 @@ def rank_plan(cfg: JobConfig, layout: Layout, hardware: Hardware, pp: int) -> Ra
 def _exposed_as_built(r: RankPlan, ep_hidden: bool) -> float:
     """A rank's schedule time as the runtime runs it: compute, plus what overlapped traffic exceeds
     it, plus the whole EP all-to-all unless the runtime overlaps it (parallel.overlap, see
-    parallel/pipeline/overlap.py `overlap_runs`), and then what its pairs leave exposed
-    (paired_time.py), or what exceeds the compute if that is more."""
+    parallel/pipeline/overlap.py `overlap_runs`), and then what its pairs leave exposed, or what
+    exceeds the compute if that is more; plus the steps' waits for their pipeline inputs
+    (exposed_time.py)."""
     ep = sum(t.seconds for t in r.traffic if t.name == "EP all-to-all")
     if ep_hidden:
         ep = max(r.ep_paired_exposed_s, ep - r.compute_s)
     rest = sum(max(t.seconds - r.compute_s, 0.0) for t in r.traffic if t.overlapped and t.name != "EP all-to-all")
-    return r.compute_s + ep + rest
+    return r.compute_s + ep + rest + r.input_wait_s
 
 
 # Traffic that runs during the schedule, under compute (K2 §2.4); the rest runs after it.
@@ -233,12 +235,14 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     exchange_s = {s: link_seconds(_exchange_bytes(cfg, layout, split[s], p), _local_fraction(layout), hw) for s in stages}
     ep_paired_exposed_s = paired_exposed_s(layout.pp, layout.vp, m, pp, forward_s,
                                            {s: total_s[s] - forward_s[s] for s in stages}, exchange_s)
+    transfer_s = link_seconds(p * T * D, 0.0 if _spans_nodes(layout)["pipeline"] else 1.0, hw)
+    input_wait_s = input_waits(layout.pp, layout.vp, m, pp, paired) * transfer_s
     traffic = _traffic(cfg, layout, hw, pp, m, split, dense, expert, compute_s, p,
                        offload.host_bytes if offload else 0)
     update_s = sum(t.seconds for t in traffic if not t.overlapped)
     return RankPlan(pp, tuple(stages), tuple(split[s] for s in stages), dense.held, expert.held, dense, expert,
                     saved, features, buffers, as_built, ideal, compute_s, traffic, update_s, configured,
-                    ep_paired_exposed_s, offload)
+                    ep_paired_exposed_s, input_wait_s, offload)
 
 
 def _stage_saved(cfg: JobConfig, a: ActivationSettings, split: list[range], stage: int, offload: bool) -> Saved:

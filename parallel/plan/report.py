@@ -219,7 +219,8 @@ def _step_lines(plan: Plan) -> list[str]:
         f"+ reduce, gather and update {update:,.1f} s",
         f"  MFU {plan.mfu:.1%} of {plan.hardware.peak_tflops:g} TFLOP/s ({plan.model_flops / 1e15:,.0f} PFLOP of model "
         f"FLOPs per step); {plan.tokens_per_s_per_gpu:,.0f} tokens/s per GPU",
-        f"  as built ({_ep_overlap_text(plan)}): step {plan.step_built_s:,.1f} s, MFU {plan.mfu_built:.1%}",
+        f"  as built ({_ep_overlap_text(plan)}; pipeline inputs waited for up to "
+        f"{max(r.input_wait_s for r in plan.ranks):,.1f} s): step {plan.step_built_s:,.1f} s, MFU {plan.mfu_built:.1%}",
     ]
 
 
@@ -304,7 +305,7 @@ def _ideal_states(r: RankPlan) -> int:
 
 def _ep_overlap_text(plan: Plan) -> str:
     """How much of the EP all-to-all this plan's runtime hides (parallel/pipeline/overlap.py; the
-    pairs' share: parallel/plan/paired_time.py)."""
+    pairs' share: parallel/plan/exposed_time.py)."""
     p = plan.cfg.parallel
     if overlap_runs(p.overlap, plan.layout.ep):
         exposed = max(r.ep_paired_exposed_s for r in plan.ranks)

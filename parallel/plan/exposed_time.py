@@ -1,4 +1,6 @@
-"""How much of the EP all-to-all the paired runtime leaves exposed (parallel.overlap=ep, K2 §2.4).
+"""The communication the runtime leaves exposed under compute, as built (`k2train plan`'s step as built).
+
+The EP all-to-all with parallel.overlap=ep (`paired_exposed_s`, K2 §2.4).
 
 The runtime (parallel/pipeline/overlap.py) runs a rank's schedule as `schedule_table.paired_order`:
 warm-up forwards alone, then pairs of one forward and one backward taking turns, then the cool-down
@@ -10,13 +12,18 @@ backwards alone. What that hides, step by step:
   so at a slow link the backward's exchanges are the first to show.
 Summed over the rank's steps, that is the EP time the plan adds to the rank's compute as built
 (planner.py `_exposed_as_built`). The ideal (K2's accounting) hides all of it under compute.
+
+The pipeline's sends (`input_waits`). In the steady state of the interleaved 1F1B every rank needs
+the output of the other rank's previous step (schedule_table.py `_simulate`: no step has slack), so
+each step that takes its input from another rank waits for that input's transfer, with or without
+pairs. The ideal counts the sends as hidden.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from parallel.pipeline.schedule_table import paired_order
+from parallel.pipeline.schedule_table import Op, paired_order, rank_order
 
 
 def paired_exposed_s(pp: int, vp: int, micro_batches: int, rank: int, forward_s: Mapping[int, float],
@@ -33,3 +40,17 @@ def paired_exposed_s(pp: int, vp: int, micro_batches: int, rank: int, forward_s:
         exposed += max(exchange_s[forward.stage] - backward_s[backward.stage], 0.0)
         exposed += max(exchange_s[backward.stage] - forward_s[forward.stage], 0.0)
     return exposed
+
+
+def input_waits(pp: int, vp: int, micro_batches: int, rank: int, paired: bool) -> int:
+    """How many of pipeline rank `rank`'s steps (a pair is one step) wait for an input from another
+    rank: a forward past the first stage or a backward before the last."""
+    last = pp * vp - 1
+
+    def receives(op: Op) -> bool:
+        return op.stage > 0 if op.kind == "F" else op.stage < last
+
+    if pp == 1:
+        return 0
+    steps = paired_order(pp, vp, micro_batches, rank) if paired else [(op,) for op in rank_order(pp, vp, micro_batches, rank)]
+    return sum(1 for step in steps if any(receives(op) for op in step))
