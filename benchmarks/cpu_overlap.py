@@ -223,8 +223,10 @@ def layout_rate(rate: str, layout: tuple[int, int, int, int]) -> str:
 
 def report(results: dict, args) -> None:
     cores = os.cpu_count()
-    print(f"\nk2_tiny (hidden 256, 8 layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, 16 micro-batches per rank, {args.steps} steps "
-          f"(median of steps 2+, then of {args.repeats} runs), every rank given {cores}/ranks of the {cores} cores and its link shaped to {args.rate} x its share / the 8-process layout's (htb burst {args.burst}); times in s.\n"
+    print(f"\nk2_tiny (hidden 256, 8 layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, "
+          f"16 micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
+          f"rank given {cores}/ranks of the {cores} cores and its link shaped to {args.rate} x its share / the "
+          f"8-process layout's (htb burst {args.burst}); times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
           "exposed: loop - compute; best: max(compute, link), the loop if every exchange hid under compute "
@@ -250,8 +252,8 @@ def report(results: dict, args) -> None:
         planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(layout_rate(args.rate, LAYOUTS[name])), link_s)
         for (link, overlap), planned_s in planned.items():
             measured = max(r["loop"] for r in results[name, "shaped", overlap])
-            print(f"  plan (as built, compute calibrated, link at the {link} rate) overlap={overlap}: {planned_s:.3f} s, "
-                  f"measured slowest rank {measured:.3f} s, plan/measured {planned_s / measured:.2f}")
+            print(f"  plan (as built, compute calibrated, link at the {link} rate) overlap={overlap}: "
+                  f"{planned_s:.3f} s, measured slowest rank {measured:.3f} s, plan/measured {planned_s / measured:.2f}")
 
 
 def _chosen(args) -> dict[str, tuple[int, int, int, int]]:

@@ -89,7 +89,8 @@ class ShapedCluster:
 
     def unshape(self) -> None:
         """The loopback unshaped again."""
-        subprocess.run(["ip", "netns", "exec", NAMESPACE, "tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+        subprocess.run(["ip", "netns", "exec", NAMESPACE, "tc", "qdisc", "del", "dev", "lo", "root"],
+                       capture_output=True)
 
     def remove(self) -> None:
         """Everything `create` made, whatever exists of it; the ranks must have exited."""

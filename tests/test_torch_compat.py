@@ -22,7 +22,8 @@ from torch import nn
 from multiproc import run_world
 from parallel.pipeline import torch_compat
 from parallel.pipeline.schedule_table import timeline
-from parallel.pipeline.torch_compat import check_torch, internals_problems, paired_actions, to_action
+from parallel.pipeline.torch_compat import (
+    check_torch, internals_problems, paired_actions, to_action, without_paired_forward_sends)
 
 PP, VP, MICRO_BATCHES, ROWS, WIDTH = 2, 2, 4, 2, 8
 SCHEDULES = ("TheoryInterleaved1F1B", "PairedInterleaved1F1B", "PairedInterleavedZeroBubble")
@@ -96,7 +97,8 @@ def run_schedules(payload: dict) -> dict:
 
     from parallel.pipeline.buffers import ReceiveBufferLog
     from parallel.pipeline.overlap import Turns
-    from parallel.pipeline.torch_compat import ComputationType, LeanReceiveStage, overlap_forward_backward
+    from parallel.pipeline.receive_stage import LeanReceiveStage
+    from parallel.pipeline.torch_compat import ComputationType, overlap_forward_backward
 
     dist.init_process_group("gloo")
     rank, results = dist.get_rank(), {}
@@ -145,6 +147,26 @@ def table_order(name: str, rank: int) -> list[str | None]:
     if name == "TheoryInterleaved1F1B":
         return [None if op is None else str(to_action(op)) for op in timeline(PP, VP, MICRO_BATCHES)[rank]]
     return [str(a) for a in paired_actions(PP, VP, MICRO_BATCHES, rank, name.endswith("ZeroBubble"))]
+
+
+def test_a_paired_forwards_send_leaves_the_lowered_order_and_nothing_else():
+    """torch's lowering of the paired order puts each paired forward's SEND_F right after its pair;
+    `without_paired_forward_sends` drops exactly those (the pair sends them itself, in the same place
+    in the order of sends) and refuses a lowering that puts anything between."""
+    C = torch_compat.ComputationType
+    compute = {rank: paired_actions(PP, VP, MICRO_BATCHES, rank, split_backward=False) for rank in range(PP)}
+    lowered = torch_compat.with_send_recv(compute, PP, PP * VP)
+    for rank, line in lowered.items():
+        kept = without_paired_forward_sends(line, PP * VP)
+        forwards = [a.sub_actions[0] for a in line if a.computation_type == C.OVERLAP_F_B]
+        sent_early = [torch_compat.Action(f.stage_index, C.SEND_F, f.microbatch_index)
+                      for f in forwards if f.stage_index != PP * VP - 1]
+        assert sent_early and [a for a in line if a not in kept] == sent_early
+        assert kept == [a for a in line if a not in sent_early]
+        pair = next(i for i, a in enumerate(line) if a.computation_type == C.OVERLAP_F_B and line[i + 1] in sent_early)
+        moved = line[:pair + 1] + [torch_compat.Action(0, C.RECV_B, 99)] + line[pair + 1:]
+        with pytest.raises(RuntimeError, match="right after it"):
+            without_paired_forward_sends(moved, PP * VP)
 
 
 def test_the_private_hooks_drive_torchs_runtime_like_one_process():

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from parallel.pipeline.torch_compat import LeanReceiveStage
+from parallel.pipeline.receive_stage import LeanReceiveStage
 
 # observer(kind, stage, microbatch) -> a context entered around the action.
 ActionObserver = Callable[[str, int | None, int | None], AbstractContextManager]

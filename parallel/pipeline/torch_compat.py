@@ -9,8 +9,9 @@ and changes it at four seams torch does not make public:
   function (`overlap_forward_backward`) reads the runtime's private state (`fwd_recv_ops`,
   `bwd_recv_ops`, `backward_counter`, `_maybe_compute_loss`, `_maybe_get_loss`), because torch
   passes a custom function only the action and a context;
-- the receive buffers: six `PipelineStage` methods overridden by `LeanReceiveStage` (why:
-  parallel/pipeline/buffers.py);
+- the receive buffers: six `PipelineStage` methods overridden by `LeanReceiveStage`
+  (parallel/pipeline/receive_stage.py, with this module's `RecvInfo` and `make_tensor_from_meta`;
+  why: parallel/pipeline/buffers.py);
 - the lowering: torch's `_add_reduce_grad` and `_add_send_recv` with a linear-time equal of its
   `_add_unshard_reshard` (`lower`), so that `k2train plan` counts the buffers the runtime allocates.
 The rest of k2train uses only the public names of this module: `Action` and `ComputationType` are
@@ -28,7 +29,6 @@ torch, the supported ones and what to do.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import warnings
@@ -52,9 +52,9 @@ try:
     from torch.distributed.pipelining.schedules import (
         _Action,
         _add_reduce_grad,
-        _batch_p2p,
         _add_send_recv,
         _add_unshard_reshard,
+        _batch_p2p,
         _ComputationType,
         _PipelineContext,
     )
@@ -68,6 +68,9 @@ Action = _Action
 ComputationType = C = _ComputationType
 # torch's own UNSHARD/RESHARD pass, the reference `with_unshard_reshard` equals (quadratic).
 torch_add_unshard_reshard = _add_unshard_reshard
+# A receive's descriptor and its buffer's maker, for parallel/pipeline/receive_stage.py.
+RecvInfo = _RecvInfo
+make_tensor_from_meta = _make_tensor_from_meta
 
 
 # ---- the gate -----------------------------------------------------------------------------------
@@ -310,94 +313,15 @@ def overlap_forward_backward(turns):
     return run
 
 
-# ---- the receive buffers --------------------------------------------------------------------------
-
-class LeanReceiveStage(PipelineStage):
-    """torch's PipelineStage whose receive buffers live from the posted receive to the compute
-    that consumes them (parallel/pipeline/buffers.py). `log` (shared by the stages of a pipeline
-    rank, buffers.py `ReceiveBufferLog`) counts the buffers alive."""
-
-    def __init__(self, *args, log, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.log = log
-
-    # -- descriptors without memory ----------------------------------------------------------
-
-    def _setup_forward_recv_info(self, num_microbatches: int, has_backward: bool) -> None:
-        # torch's descriptors for one micro-batch (its one buffer is dropped at once), copied to all.
-        super()._setup_forward_recv_info(1, has_backward)
-        template = tuple(_placeholder(info) for info in self.args_recv_info[0])
-        for chunk in range(num_microbatches):
-            self.args_recv_info[chunk] = tuple(copy.copy(info) for info in template)
-
-    def _create_grad_recv_info(self, act_send_info: dict) -> tuple[_RecvInfo, ...]:
-        return tuple(_placeholder(info) for info in super()._create_grad_recv_info(act_send_info))
-
-    # -- allocate when the receive is posted -------------------------------------------------
-
-    def get_fwd_recv_ops(self, fwd_chunk_id: int):
-        self._allocate(self.args_recv_info[fwd_chunk_id], "input", fwd_chunk_id)
-        return super().get_fwd_recv_ops(fwd_chunk_id)
-
-    def get_bwd_recv_ops(self, bwd_chunk_id: int):
-        if self.has_backward and not self.is_last:
-            self._allocate(self.grad_recv_info[bwd_chunk_id], "grad", bwd_chunk_id)
-        return super().get_bwd_recv_ops(bwd_chunk_id)
-
-    # -- drop the stage's reference once consumed ----------------------------------------------
-
-    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
-        output = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
-        # fwd_cache holds the input (the autograd leaf) until this micro-batch's backward.
-        _release(self.args_recv_info[fwd_chunk_id])
-        return output
-
-    def backward_one_chunk(self, bwd_chunk_id: int, loss=None, full_backward: bool = True, last_backward=False):
-        super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward, last_backward=last_backward)
-        # A split backward keeps the gradient in backward_state for its weight pass.
-        _release(self.grad_recv_info.get(bwd_chunk_id, ()))
-        if full_backward and loss is not None and loss._base is None:
-            # The schedule keeps every micro-batch's loss until the step ends; through its graph's
-            # gradient accumulator the loss would keep this stage's input alive that long. (The
-            # input half of a split backward detaches the loss itself.)
-            loss.detach_()
-
-    def _allocate(self, infos: tuple[_RecvInfo, ...], kind: str, chunk: int) -> None:
-        for info in infos:
-            if info.is_root_arg or info.tensor_meta is None:
-                continue  # the first stage's token ids come with the step; None gradients are not sent
-            if info.buffer is not None and not info.buffer.is_meta:
-                raise RuntimeError(f"stage {self.stage_index}: the {kind} receive buffer of micro-batch {chunk} is "
-                                   f"already allocated before its receive is posted; torch {torch.__version__} "
-                                   f"allocates receive buffers outside the methods LeanReceiveStage "
-                                   f"(parallel/pipeline/torch_compat.py) overrides.")
-            info.buffer = _make_tensor_from_meta(info.tensor_meta, self.device)
-            self.log.allocated(self.stage_index, kind, info.buffer)
-
-
-def _placeholder(info: _RecvInfo) -> _RecvInfo:
-    """A copy of `info` whose buffer (if it has one) is a meta tensor of the same shape: no memory,
-    and what torch reads between steps (`clear_runtime_states` clears `.grad`) stays valid."""
-    info = copy.copy(info)
-    _release((info,))
-    return info
-
-
-def _release(infos: Sequence[_RecvInfo]) -> None:
-    for info in infos:
-        if not info.is_root_arg and info.buffer is not None and info.tensor_meta is not None:
-            info.buffer = _make_tensor_from_meta(info.tensor_meta, "meta")
-
-
 # ---- the lowering ---------------------------------------------------------------------------------
 
-def with_unshard_reshard(actions: Sequence[_Action | None], max_active_stages: int = 3) -> list[_Action]:
+def with_unshard_reshard(actions: Sequence[Action | None], max_active_stages: int = 3) -> list[Action]:
     """torch's `_add_unshard_reshard` (schedules.py) in linear time: idle steps dropped, an
     UNSHARD before the first action of each of the next `max_active_stages` stages to compute, a
     RESHARD for an active stage that is not among them, and for every stage still active at the
-    end. torch's own pass rescans the rest of the
-    list at every action, quadratic: seconds per rank for k2_1t's 4096 actions. The runtime's
-    lowering runs it, and the placement of the receives depends on it."""
+    end. torch's own pass rescans the rest of the list at every action, quadratic: seconds per
+    rank for k2_1t's 4096 actions. The runtime's lowering runs it, and the placement of the
+    receives depends on it."""
     compute = [a for a in actions if a is not None]
     upcoming: dict[int, deque[int]] = {}
     for i, a in enumerate(compute):
@@ -405,7 +329,7 @@ def with_unshard_reshard(actions: Sequence[_Action | None], max_active_stages: i
             raise ValueError(f"action {a} has sub-actions; with_unshard_reshard takes plain compute actions.")
         upcoming.setdefault(a.stage_index, deque()).append(i)
     active: set[int] = set()
-    out: list[_Action] = []
+    out: list[Action] = []
     for i, a in enumerate(compute):
         for positions in upcoming.values():
             while positions and positions[0] < i:
@@ -416,21 +340,27 @@ def with_unshard_reshard(actions: Sequence[_Action | None], max_active_stages: i
         evict = [s for s in active if s not in next_n]
         for s in evict:
             active.remove(s)
-            out.append(_Action(s, C.RESHARD, None))
+            out.append(Action(s, ComputationType.RESHARD, None))
         for s in fetch:
             active.add(s)
-            out.append(_Action(s, C.UNSHARD, None))
+            out.append(Action(s, ComputationType.UNSHARD, None))
         out.append(a)
-    out += [_Action(s, C.RESHARD, None) for s in list(active)]
+    out += [Action(s, ComputationType.RESHARD, None) for s in list(active)]
     return out
 
 
-def lower(compute: dict[int, list[_Action | None]], pp: int, num_stages: int,
-          micro_batches: int) -> dict[int, list[_Action]]:
+def lower(compute: dict[int, list[Action | None]], pp: int, num_stages: int,
+          micro_batches: int) -> dict[int, list[Action]]:
     """The action lists the runtime executes for a compute-only schedule, as torch's
     `_PipelineScheduleRuntime._prepare_schedule_with_comms` builds them (looped stage placement)."""
-    lists = {rank: _add_reduce_grad(with_unshard_reshard(actions), micro_batches) for rank, actions in compute.items()}
-    return _add_send_recv(lists, stage_to_rank=lambda s: s % pp, num_stages=num_stages)
+    lists = {rank: _add_reduce_grad(with_unshard_reshard(actions), micro_batches)
+             for rank, actions in compute.items()}
+    return with_send_recv(lists, pp, num_stages)
+
+
+def with_send_recv(actions: dict[int, list[Action]], pp: int, num_stages: int) -> dict[int, list[Action]]:
+    """torch's `_add_send_recv` (looped stage placement): every rank's sends and receives added."""
+    return _add_send_recv(actions, stage_to_rank=lambda s: s % pp, num_stages=num_stages)
 
 
 check_torch(torch.__version__)

@@ -52,5 +52,8 @@ def input_waits(pp: int, vp: int, micro_batches: int, rank: int, paired: bool) -
 
     if pp == 1:
         return 0
-    steps = paired_order(pp, vp, micro_batches, rank) if paired else [(op,) for op in rank_order(pp, vp, micro_batches, rank)]
+    if paired:
+        steps = paired_order(pp, vp, micro_batches, rank)
+    else:
+        steps = [(op,) for op in rank_order(pp, vp, micro_batches, rank)]
     return sum(1 for step in steps if any(receives(op) for op in step))
