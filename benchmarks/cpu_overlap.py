@@ -37,7 +37,7 @@ QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=fal
 # slowed by the shaped link. Wider than the tiny config too, so compute is mostly in torch kernels
 # rather than in Python. Two layers per virtual stage and 4 of 8 experts per token, so that a stage's
 # expert exchanges carry 8 times the bytes of its pipeline send (the tiny config's shape: 2 times;
-# K2's, 4 layers of 8 experts per stage: about 60 times); otherwise the pipeline sends' latency,
+# k2_1t's, 2 layers of 8 experts per token per virtual stage: about 30 times); otherwise the pipeline sends' latency,
 # which no schedule hides, would stand for a third of the link's time.
 SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
          "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512",

@@ -320,10 +320,12 @@ def test_paired_exposure_is_what_neither_task_of_a_pair_hides():
     F0 alone, (F1, B0), (F2, B1), B2 alone. Forward 1 s, backward 2 s, exchanges 1.5 s each way: the
     lone forward and backward wait 1.5 s each; in a pair the forward's exchanges hide under the
     backward's 2 s, the backward's exceed the forward's 1 s by 0.5 s."""
+    from parallel.pipeline.schedule_table import paired_order
     from parallel.plan.exposed_time import paired_exposed_s
 
-    assert paired_exposed_s(1, 1, 3, 0, {0: 1.0}, {0: 2.0}, {0: 1.5}) == pytest.approx(1.5 + 0.5 + 0.5 + 1.5)
-    assert paired_exposed_s(1, 1, 3, 0, {0: 1.0}, {0: 2.0}, {0: 0.5}) == pytest.approx(0.5 + 0.5)
+    steps = paired_order(1, 1, 3, 0)
+    assert paired_exposed_s(steps, {0: 1.0}, {0: 2.0}, {0: 1.5}) == pytest.approx(1.5 + 0.5 + 0.5 + 1.5)
+    assert paired_exposed_s(steps, {0: 1.0}, {0: 2.0}, {0: 0.5}) == pytest.approx(0.5 + 0.5)
 
 
 def test_input_waits_count_the_steps_that_receive_from_another_rank():
@@ -333,7 +335,8 @@ def test_input_waits_count_the_steps_that_receive_from_another_rank():
     B B B: four steps with a backward; rank 1 runs F (F1, B0) (F2, B1) (F3, B2) B: four with a
     forward. One pipeline rank receives nothing."""
     from parallel.plan.exposed_time import input_waits
+    from parallel.plan.memory import schedule_steps
 
-    assert [input_waits(2, 1, 2, rank, paired=False) for rank in (0, 1)] == [2, 2]
-    assert [input_waits(2, 1, 4, rank, paired=True) for rank in (0, 1)] == [4, 4]
-    assert input_waits(1, 1, 4, 0, paired=True) == 0
+    assert [input_waits(schedule_steps(2, 1, 2, rank, paired=False), 2, 2) for rank in (0, 1)] == [2, 2]
+    assert [input_waits(schedule_steps(2, 1, 4, rank, paired=True), 2, 2) for rank in (0, 1)] == [4, 4]
+    assert input_waits(schedule_steps(1, 1, 4, 0, paired=True), 1, 1) == 0

@@ -21,18 +21,19 @@ pairs. The ideal counts the sends as hidden.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from parallel.pipeline.schedule_table import Op, paired_order, rank_order
+from parallel.pipeline.schedule_table import Op
 
 
-def paired_exposed_s(pp: int, vp: int, micro_batches: int, rank: int, forward_s: Mapping[int, float],
-                     backward_s: Mapping[int, float], exchange_s: Mapping[int, float]) -> float:
-    """Seconds pipeline rank `rank` waits on the EP all-to-all in the paired order, given per stage
-    the compute of one micro-batch's forward and backward and the link time of one micro-batch's
-    exchanges in either direction (the forward's dispatch and combine, or their transposes)."""
+def paired_exposed_s(steps: Sequence[tuple[Op, ...]], forward_s: Mapping[int, float], backward_s: Mapping[int, float],
+                     exchange_s: Mapping[int, float]) -> float:
+    """Seconds a pipeline rank waits on the EP all-to-all over its `steps` in the paired order
+    (`schedule_table.paired_order`), given per stage the compute of one micro-batch's forward and
+    backward and the link time of one micro-batch's exchanges in either direction (the forward's
+    dispatch and combine, or their transposes)."""
     exposed = 0.0
-    for step in paired_order(pp, vp, micro_batches, rank):
+    for step in steps:
         if len(step) == 1:
             exposed += exchange_s[step[0].stage]
             continue
@@ -42,18 +43,10 @@ def paired_exposed_s(pp: int, vp: int, micro_batches: int, rank: int, forward_s:
     return exposed
 
 
-def input_waits(pp: int, vp: int, micro_batches: int, rank: int, paired: bool) -> int:
-    """How many of pipeline rank `rank`'s steps (a pair is one step) wait for an input from another
-    rank: a forward past the first stage or a backward before the last."""
-    last = pp * vp - 1
-
-    def receives(op: Op) -> bool:
-        return op.stage > 0 if op.kind == "F" else op.stage < last
-
+def input_waits(steps: Sequence[tuple[Op, ...]], num_stages: int, pp: int) -> int:
+    """How many of a pipeline rank's `steps` (a pair is one step) wait for an input from another
+    rank: a forward past the first stage or a backward before the last; none with one rank."""
     if pp == 1:
         return 0
-    if paired:
-        steps = paired_order(pp, vp, micro_batches, rank)
-    else:
-        steps = [(op,) for op in rank_order(pp, vp, micro_batches, rank)]
-    return sum(1 for step in steps if any(receives(op) for op in step))
+    last = num_stages - 1
+    return sum(1 for step in steps if any(op.stage > 0 if op.kind == "F" else op.stage < last for op in step))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from k2train.config.schema import JobConfig
 from parallel.layout import Layout
 from parallel.plan.activations import Saved
-from parallel.pipeline.schedule_table import paired_order, rank_order
+from parallel.pipeline.schedule_table import Op, paired_order, rank_order
 
 FP32 = 4
 
@@ -144,9 +144,15 @@ def schedule_ops(pp: int, vp: int, micro_batches: int, rank: int, paired: bool =
     is `schedule_table.paired_order`, a pair's forward counted before its backward frees: one more
     micro-batch in flight, the memory price of the overlap.
     """
+    return [(op.kind, op.stage) for step in schedule_steps(pp, vp, micro_batches, rank, paired) for op in step]
+
+
+def schedule_steps(pp: int, vp: int, micro_batches: int, rank: int, paired: bool) -> list[tuple[Op, ...]]:
+    """This pipeline rank's steps in schedule order: `paired_order` with `paired`, otherwise each
+    operation of `rank_order` a step of its own."""
     if paired:
-        return [(op.kind, op.stage) for step in paired_order(pp, vp, micro_batches, rank) for op in step]
-    return [(op.kind, op.stage) for op in rank_order(pp, vp, micro_batches, rank)]
+        return paired_order(pp, vp, micro_batches, rank)
+    return [(op,) for op in rank_order(pp, vp, micro_batches, rank)]
 
 
 def in_flight_peak(ops: list[tuple[str, int]], saved: dict[int, Saved], boundary: dict[int, tuple[int, int]],

@@ -12,6 +12,7 @@ estimated step time and MFU (plan_time.py). plan_report.py prints it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, replace
 
@@ -22,7 +23,7 @@ from k2train.train.flops import flops_per_token
 from parallel.layout import Layout
 from parallel.plan.activations import ActivationSettings, Saved, stage_offloaded, stage_saved
 from parallel.plan.memory import (
-    GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, zero1_groups)
+    GroupBuffers, InFlight, PipelineBuffers, in_flight_peak, pipeline_buffers, schedule_ops, schedule_steps, zero1_groups)
 from parallel.plan.offload import AUTO, RankOffload, budget_bytes, offloaded_keys, rank_offload
 from parallel.plan.exposed_time import input_waits, paired_exposed_s
 from parallel.pipeline.overlap import overlap_runs
@@ -80,7 +81,7 @@ class RankPlan:
     traffic: tuple[LinkTraffic, ...]
     update_s: float  # reduce-scatter, all-gather and the optimizer update
     configured: tuple[bool, bool, bool]  # the config's (fp8, recompute, activation offload)
-    ep_paired_exposed_s: float  # the EP all-to-all the paired order leaves exposed (exposed_time.py)
+    ep_paired_exposed_s: float  # with parallel.overlap=ep, the EP all-to-all its pairs leave exposed (exposed_time.py)
     input_wait_s: float  # as built, waiting for the pipeline's inputs (exposed_time.py `input_waits`)
     offload: RankOffload | None = None  # with activation offload: its budget, keys and bytes
 
@@ -206,7 +207,8 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     a = activation_settings(cfg, layout, attention, cfg.memory.fp8_activations, cfg.memory.selective_recompute)
     p, T, D = a.dtype_bytes, a.tokens, cfg.model.hidden_size
     paired = overlap_runs(cfg.parallel.overlap, layout.ep)
-    ops = schedule_ops(layout.pp, layout.vp, m, pp, paired)
+    steps = schedule_steps(layout.pp, layout.vp, m, pp, paired)
+    ops = [(op.kind, op.stage) for step in steps for op in step]
     # (received input, output) of one micro-batch: hidden states, the token ids on stage 0, the logits on the last.
     boundary = {s: (p * T * D if s > 0 else 0, p * T * (cfg.model.vocab_size if s == last else D)) for s in stages}
     features = {}
@@ -233,10 +235,10 @@ def _rank_plan(cfg: JobConfig, layout: Layout, hw: Hardware, attention: str, m: 
     forward_s = {s: T * stage_train_flops(cfg.model, a.seq, split[s], s == last, False, fused) / 3 / rate for s in stages}
     compute_s = m * sum(total_s.values())
     exchange_s = {s: link_seconds(_exchange_bytes(cfg, layout, split[s], p), _local_fraction(layout), hw) for s in stages}
-    ep_paired_exposed_s = paired_exposed_s(layout.pp, layout.vp, m, pp, forward_s,
-                                           {s: total_s[s] - forward_s[s] for s in stages}, exchange_s)
+    ep_paired_exposed_s = paired_exposed_s(steps, forward_s, {s: total_s[s] - forward_s[s] for s in stages},
+                                           exchange_s) if paired else 0.0
     transfer_s = link_seconds(p * T * D, 0.0 if _spans_nodes(layout)["pipeline"] else 1.0, hw)
-    input_wait_s = input_waits(layout.pp, layout.vp, m, pp, paired) * transfer_s
+    input_wait_s = input_waits(steps, layout.num_stages, layout.pp) * transfer_s
     traffic = _traffic(cfg, layout, hw, pp, m, split, dense, expert, compute_s, p,
                        offload.host_bytes if offload else 0)
     update_s = sum(t.seconds for t in traffic if not t.overlapped)
@@ -352,6 +354,7 @@ def _local_fraction(layout: Layout) -> float:
     return same / (layout.ep - 1)
 
 
+@functools.lru_cache(maxsize=4)  # every pipeline rank's plan asks, and a large layout's groups take a while
 def _spans_nodes(layout: Layout) -> dict[str, bool]:
     """Whether any group of each kind spans nodes (its collectives then run at network speed)."""
     return {kind: any(len({layout.node_of(r) for r in g}) > 1 for g in layout.groups(kind))
