@@ -19,3 +19,11 @@ def data(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("data") / "sources"
     prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), out, "byte")
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def plain_runs() -> dict:
+    """Multi-process runs of test_parallel_training.run_steps by their overrides, shared by the tests
+    that compare against the same plain run (test_parallel_training.plain_run). Every module's `data`
+    is the same corpus, so a run made with one module's copy stands for another's."""
+    return {}

@@ -11,7 +11,7 @@ import torch
 from multiproc import run_world
 from parallel.pipeline.overlap import Turns, check_overlap, overlap_runs
 from parallel.pipeline.schedule_table import paired_order, paired_timeline, rank_order
-from test_parallel_training import BASE, layout_overrides
+from test_parallel_training import BASE, layout_overrides, plain_run
 
 
 @pytest.mark.parametrize("pp,vp,microbatches", [(1, 1, 1), (1, 1, 5), (2, 1, 4), (2, 2, 4), (4, 2, 8), (16, 2, 32)])
@@ -130,12 +130,13 @@ MEMORY = ["memory.activation_offload=true", "memory.selective_recompute=true"]
     ((2, 2, 2, 2, "interleaved_1f1b"), []),
     ((2, 1, 2, 1, "interleaved_zero_bubble"), []),
 ], ids=["pp1xep4-offload-recompute", "pp2xvp2xep2xdp2", "pp2xep2-zero-bubble"])
-def test_overlap_matches_plain_bit_for_bit(layout, extra, data):
+def test_overlap_matches_plain_bit_for_bit(layout, extra, data, plain_runs):
     pp, vp, ep, dp, schedule = layout
     overrides = BASE + layout_overrides(pp, vp, ep, dp, schedule) + extra
-    plain = run_world(pp * ep * dp, "test_parallel_training:run_steps", dict(overrides=overrides, data=data, steps=2))
+    # The plain run is test_parallel_training's of the same layout, made once per session.
+    plain = plain_run(plain_runs, overrides, data, pp * ep * dp)
     overlapped = run_world(pp * ep * dp, "test_parallel_training:run_steps",
-                           dict(overrides=overrides + ["parallel.overlap=ep"], data=data, steps=2))
+                           dict(overrides=overrides + ["parallel.overlap=ep"], data=data))
     for rank, (want, got) in enumerate(zip(plain, overlapped, strict=True)):
         # The overlapped run really paired: exchanges handed the turn over, pipelines ran pairs.
         assert want["hand_overs"] == 0 and got["hand_overs"] > 0, rank

@@ -55,6 +55,14 @@ def run_steps(payload: dict) -> dict:
                 hand_overs=0 if runner.turns is None else runner.turns.hand_overs)
 
 
+def plain_run(runs: dict, overrides: list[str], data: str, world: int) -> list[dict]:
+    """`run_steps` of `overrides` on `world` processes, once per session (`runs`: the plain_runs fixture)."""
+    key = tuple(overrides)
+    if key not in runs:
+        runs[key] = run_world(world, "test_parallel_training:run_steps", dict(overrides=overrides, data=data))
+    return runs[key]
+
+
 def _named_params(runner):
     # Strip the container prefix ("parts.<k>.") so names are the model's own.
     for name, param in runner.model.named_parameters():
@@ -81,10 +89,9 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_one_process(layout, data, reference):
+def test_layout_matches_one_process(layout, data, reference, plain_runs):
     pp, vp, ep, dp, schedule, *split = layout
-    ranks = run_world(pp * ep * dp, "test_parallel_training:run_steps",
-                      dict(overrides=BASE + layout_overrides(pp, vp, ep, dp, schedule) + split, data=data))
+    ranks = plain_run(plain_runs, BASE + layout_overrides(pp, vp, ep, dp, schedule) + split, data, pp * ep * dp)
     num_local = 8 // ep
     for rank, result in enumerate(ranks):
         for step, (got, want) in enumerate(zip(result["steps"], reference["steps"]), start=1):
