@@ -8,14 +8,18 @@ and changes it at four seams torch does not make public:
 - the pairs of communication overlap: an `OVERLAP_F_B` action (`paired_actions`) whose registered
   function (`overlap_forward_backward`) reads the runtime's private state (`fwd_recv_ops`,
   `bwd_recv_ops`, `backward_counter`, `_maybe_compute_loss`, `_maybe_get_loss`), because torch
-  passes a custom function only the action and a context;
+  passes a custom function only the action and a context; it sends a paired forward's output as
+  soon as that forward ends (`_batch_p2p`), the lowering's `SEND_F` dropped
+  (`without_paired_forward_sends`, in `_prepare_schedule_with_comms`) and the sends waited for at
+  the end of `_step_microbatches`;
 - the receive buffers: six `PipelineStage` methods overridden by `LeanReceiveStage`
   (parallel/pipeline/receive_stage.py, with this module's `RecvInfo` and `make_tensor_from_meta`;
   why: parallel/pipeline/buffers.py);
 - the lowering: torch's `_add_reduce_grad` and `_add_send_recv` with a linear-time equal of its
   `_add_unshard_reshard` (`lower`), so that `k2train plan` counts the buffers the runtime allocates.
 The rest of k2train uses only the public names of this module: `Action` and `ComputationType` are
-torch's action tuple and its kinds, `schedule_stages` the stages a schedule runs.
+torch's action tuple and its kinds, `schedule_stages` the stages a schedule runs, `RecvInfo` and
+`make_tensor_from_meta` a receive's descriptor and its buffer's maker.
 
 Version gate. The module was written against torch 2.13 and the suite also passes on torch 2.12,
 the release of the 2.12.0a0 that the GPU image (nvcr.io/nvidia/pytorch:26.05-py3) brings; CI runs
