@@ -34,7 +34,7 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor, offs: torch.Tensor | None,
                 scale: torch.Tensor | None, tile: int) -> torch.Tensor:
         hidden = F.silu(gate) * up
-        out = _down(hidden, w_down, offs)
+        out = project(hidden, w_down, offs)
         if any(ctx.needs_input_grad[:5]):
             g, u = quantize_tiles(gate, tile), quantize_tiles(up, tile)
             ctx.save_for_backward(g.data, g.scales, u.data, u.scales, w_down, offs, scale)
@@ -52,7 +52,7 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
         if scale is not None:
             # As the multiplication's own backward forms them: the product, then the sum over its row.
             if ctx.needs_input_grad[4]:
-                grad_scale = (grad_out * _down(hidden, w_down, offs)).sum(dim=-1, keepdim=True)
+                grad_scale = (grad_out * project(hidden, w_down, offs)).sum(dim=-1, keepdim=True)
             grad_out = grad_out * scale
         grad_w = None
         if ctx.grouped:
@@ -72,8 +72,10 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, None, grad_scale, None
 
 
-def _down(hidden: torch.Tensor, w_down: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(hidden, w_down) if offs is None else torch._grouped_mm(hidden, w_down, offs=offs)
+def project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    """x times a weight: F.linear (offs None, w an nn.Linear weight) or torch._grouped_mm (offs the
+    int32 cumulative rows per expert, w [E, in, out])."""
+    return F.linear(x, w) if offs is None else torch._grouped_mm(x, w, offs=offs)
 
 
 def fp8_recomputed_swiglu_down(gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from k2train.config.schema import MemoryConfig
 from k2train.memory.fp8 import fp8_saved_grouped_mm, fp8_saved_linear, fp8_saved_swiglu, quantize_shared_input
-from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down
+from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down, project
 from k2train.memory.recompute import recomputed
 
 
@@ -61,17 +61,13 @@ def swiglu_ffn(policy: SavePolicy, x: torch.Tensor, w_gate: torch.Tensor, w_up: 
         x_fp8 = quantize_shared_input(x, w_gate, w_up)
         gate, up = _fp8_project(x, w_gate, offs, x_fp8), _fp8_project(x, w_up, offs, x_fp8)
     else:
-        gate, up = _project(x, w_gate, offs), _project(x, w_up, offs)
+        gate, up = project(x, w_gate, offs), project(x, w_up, offs)
     if policy.recompute and policy.fp8:
         # Both features (K2 §2.4.3): only FP8 gate and up wait; SwiGLU and down run again from them.
         return fp8_recomputed_swiglu_down(gate, up, w_down, offs, scale=scale)
     # The region's inputs are the activations only: the weights live anyway and are read inside.
     activate_down = partial(_activate_down, policy.fp8, w_down)
     return recomputed(policy.recompute, activate_down, gate, up, offs, scale)
-
-
-def _project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w) if offs is None else torch._grouped_mm(x, w, offs=offs)
 
 
 def _fp8_project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None, x_fp8) -> torch.Tensor:
@@ -81,5 +77,5 @@ def _fp8_project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None, x_
 def _activate_down(fp8: bool, w_down: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                    offs: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
     hidden = fp8_saved_swiglu(gate, up) if fp8 else F.silu(gate) * up
-    out = _project(hidden, w_down, offs)
+    out = project(hidden, w_down, offs)
     return out if scale is None else out * scale
