@@ -38,10 +38,18 @@ QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=fal
 # rather than in Python. Two layers per virtual stage and 4 of 8 experts per token, so that a stage's
 # expert exchanges carry 8 times the bytes of its pipeline send (the tiny config's shape: 2 times;
 # k2_1t's, 2 layers of 8 experts per token per virtual stage: about 30 times); otherwise the pipeline sends' latency,
-# which no schedule hides, would stand for a third of the link's time.
+# which no schedule hides, would stand for a third of the link's time. Every layer is MoE, as 60 of
+# K2's 61 are (§2.3): with a dense first layer, one of the bench's 4 virtual stages (one of k2_1t's
+# 32) would hold a single MoE layer, and where a pair matches it with a full stage, half of the other
+# task's exchanges would have nothing to hide under.
 SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
-         "model.hidden_size=256", "model.moe_intermediate_size=256", "model.dense_intermediate_size=512",
-         "model.num_layers=8", "model.experts_per_token=4"]
+         "model.hidden_size=256", "model.moe_intermediate_size=256",
+         "model.num_layers=8", "model.first_dense_layers=0", "model.experts_per_token=4"]
+# Micro-batches per rank and step: warm-up forwards and cool-down backwards run unpaired, so a long
+# steady state. 24 were no better in a trial run and make every run half as long again; 32 of half
+# the size were worse: the overlap's cost per micro-batch grew and the link's share of the plain
+# step fell below 0.40.
+MICRO = 16
 LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)": (2, 1, 2, 1),
            "pp1xep4 (4 processes)": (1, 1, 4, 1), "pp1xep2 (2 processes)": (1, 1, 2, 1)}
 
@@ -117,8 +125,7 @@ def torch_barrier() -> None:
 
 
 def layout_overrides(pp: int, vp: int, ep: int, dp: int, overlap: str) -> list[str]:
-    micro = 16  # per rank: warm-up forwards and cool-down backwards run unpaired, so a long steady state
-    tokens = 128 * 2 * micro * dp * ep  # every EP rank reads its own micro-batches
+    tokens = 128 * 2 * MICRO * dp * ep  # every EP rank reads its own micro-batches
     return [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
             f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
 
@@ -223,8 +230,8 @@ def layout_rate(rate: str, layout: tuple[int, int, int, int]) -> str:
 
 def report(results: dict, args) -> None:
     cores = os.cpu_count()
-    print(f"\nk2_tiny (hidden 256, 8 layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, "
-          f"16 micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
+    print(f"\nk2_tiny (hidden 256, 8 MoE layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, "
+          f"{MICRO} micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
           f"rank given {cores}/ranks of the {cores} cores and its link shaped to {args.rate} x its share / the "
           f"8-process layout's (htb burst {args.burst}); times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
@@ -244,9 +251,15 @@ def report(results: dict, args) -> None:
                 print(f"  {rank:4d}  {overlap:7s}  {got['step']:.3f}  {got['loop']:.3f}  {c:.3f}    {link:.3f}   "
                       f"{exposed:.3f}    {best:.3f}   {got['loop'] / base:.2f}        "
                       f"{exposed / (base - c_plain):.2f}           {best / base:.2f}")
-        share = statistics.mean((p["loop"] - u["loop"]) / p["loop"]
-                                for p, u in zip(plain, results[name, "unshaped", "none"]))
-        print(f"  mean share of the plain loop spent waiting on the all-to-all: {share:.2f}")
+        waits = [(p["loop"] - u["loop"], p) for p, u in zip(plain, results[name, "unshaped", "none"])]
+        print(f"  waiting on the all-to-all, mean share of the plain step: "
+              f"{statistics.mean(w / p['step'] for w, p in waits):.2f} (of its loop: "
+              f"{statistics.mean(w / p['loop'] for w, p in waits):.2f})")
+        on, on_c = results[name, "shaped", "ep"], results[name, "unshaped", "ep"]
+        ratios = {key: [o[key] / p[key] for o, p in zip(on, plain)] for key in ("step", "loop")}
+        ratios["exposed"] = [(o["loop"] - oc["loop"]) / w for o, oc, (w, _) in zip(on, on_c, waits)]
+        print("  overlap on / off, range over the ranks: " + ", ".join(
+            f"{key} {min(r):.2f}-{max(r):.2f}" for key, r in ratios.items()))
         unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
         link_s = max(r["comm"] for r in plain)
         planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(layout_rate(args.rate, LAYOUTS[name])), link_s)
