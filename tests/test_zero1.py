@@ -10,6 +10,7 @@ One layout cuts the embedding and the head into AdamW row blocks spread over its
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,22 @@ def reference() -> dict[str, torch.Tensor]:
     return reference_steps(BASE + ["parallel.pp=1", "parallel.vp=1", "parallel.ep=1", "parallel.dp=1"])
 
 
+@pytest.fixture(scope="module")
+def sharded() -> Callable[..., list[dict]]:
+    """`sharded(pp, ep, dp, *extra)`: the float32 multi-process steps of that layout, run once per
+    module and shared by the tests that read them."""
+    runs: dict[tuple, list[dict]] = {}
+
+    def run(pp: int, ep: int, dp: int, *extra: str) -> list[dict]:
+        key = (pp, ep, dp, extra)
+        if key not in runs:
+            runs[key] = run_world(pp * ep * dp, "test_zero1:sharded_steps",
+                                  dict(overrides=layout(pp, ep, dp, "float32", *extra)))
+        return runs[key]
+
+    return run
+
+
 def layout(pp: int, ep: int, dp: int, dtype: str = "float32", *extra: str) -> list[str]:
     vp = 2 if pp > 1 else 1
     return BASE + [f"parallel.pp={pp}", f"parallel.vp={vp}", f"parallel.ep={ep}", f"parallel.dp={dp}",
@@ -113,8 +130,8 @@ BLOCKS = "optimizer.adamw_block_elements=2048"
 @pytest.mark.parametrize("pp,ep,dp,extra", [(1, 1, 1, ()), (1, 1, 2, ()), (1, 1, 4, ()), (1, 2, 1, ()),
                                             (1, 2, 2, (BLOCKS,)), (1, 2, 4, ()), (2, 2, 2, ())],
                          ids=lambda v: " ".join(v) if isinstance(v, tuple) else str(v))
-def test_sharded_muonclip_equals_single_process(pp, ep, dp, extra, reference):
-    ranks = run_world(pp * ep * dp, "test_zero1:sharded_steps", dict(overrides=layout(pp, ep, dp, "float32", *extra)))
+def test_sharded_muonclip_equals_single_process(pp, ep, dp, extra, reference, sharded):
+    ranks = sharded(pp, ep, dp, *extra)
     local = 8 // ep
     for rank, result in enumerate(ranks):
         for name, param in result["params"].items():
@@ -174,11 +191,11 @@ def test_bf16_parameters_keep_float32_masters_and_track_the_float32_run(referenc
             assert error <= 1e-2, f"{name}: relative error {error:.2e} beyond bf16 rounding"
 
 
-def test_optimizer_state_falls_as_one_over_the_group():
+def test_optimizer_state_falls_as_one_over_the_group(sharded):
     """dp 1 -> 2 -> 4 with ep 1: each rank's master + state bytes fall as 1/group (up to balancing)."""
     largest, total = {}, {}
     for dp in (1, 2, 4):
-        ranks = run_world(dp, "test_zero1:sharded_steps", dict(overrides=layout(1, 1, dp)))
+        ranks = sharded(1, 1, dp)
         largest[dp] = max(r["state_bytes"] for r in ranks)
         total[dp] = sum(r["state_bytes"] for r in ranks)
     assert total[1] == total[2] == total[4]  # every item's state is kept exactly once
