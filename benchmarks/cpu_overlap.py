@@ -242,22 +242,25 @@ def report(results: dict, args) -> None:
         print(f"\n{name}, links at {layout_rate(args.rate, LAYOUTS[name])}")
         print("  rank  overlap  step    loop    compute  link    exposed  best    loop/plain  exposed/plain  best/plain")
         plain = results[name, "shaped", "none"]
+        ratios: dict[str, list[float]] = {"step": [], "loop": [], "exposed": []}  # overlap on / off per rank
         for overlap in ("none", "ep"):
             for rank, got in enumerate(results[name, "shaped", overlap]):
                 c = results[name, "unshaped", overlap][rank]["loop"]
                 c_plain = results[name, "unshaped", "none"][rank]["loop"]
                 link, base = plain[rank]["comm"], plain[rank]["loop"]
                 exposed, best = got["loop"] - c, max(c, link)
+                on_off = {"step": got["step"] / plain[rank]["step"], "loop": got["loop"] / base,
+                          "exposed": exposed / (base - c_plain)}
                 print(f"  {rank:4d}  {overlap:7s}  {got['step']:.3f}  {got['loop']:.3f}  {c:.3f}    {link:.3f}   "
-                      f"{exposed:.3f}    {best:.3f}   {got['loop'] / base:.2f}        "
-                      f"{exposed / (base - c_plain):.2f}           {best / base:.2f}")
+                      f"{exposed:.3f}    {best:.3f}   {on_off['loop']:.2f}        "
+                      f"{on_off['exposed']:.2f}           {best / base:.2f}")
+                if overlap == "ep":
+                    for key, value in on_off.items():
+                        ratios[key].append(value)
         waits = [(p["loop"] - u["loop"], p) for p, u in zip(plain, results[name, "unshaped", "none"])]
         print(f"  waiting on the all-to-all, mean share of the plain step: "
               f"{statistics.mean(w / p['step'] for w, p in waits):.2f} (of its loop: "
               f"{statistics.mean(w / p['loop'] for w, p in waits):.2f})")
-        on, on_c = results[name, "shaped", "ep"], results[name, "unshaped", "ep"]
-        ratios = {key: [o[key] / p[key] for o, p in zip(on, plain)] for key in ("step", "loop")}
-        ratios["exposed"] = [(o["loop"] - oc["loop"]) / w for o, oc, (w, _) in zip(on, on_c, waits)]
         print("  overlap on / off, range over the ranks: " + ", ".join(
             f"{key} {min(r):.2f}-{max(r):.2f}" for key, r in ratios.items()))
         unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
