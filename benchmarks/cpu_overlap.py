@@ -50,6 +50,7 @@ SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tok
 # the size were worse: the overlap's cost per micro-batch grew and the link's share of the plain
 # step fell below 0.40.
 MICRO = 16
+LINKS = {"fifo": "each link one queue, served in order", "fair": "each link shared fairly by its connections"}
 LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)": (2, 1, 2, 1),
            "pp1xep4 (4 processes)": (1, 1, 4, 1), "pp1xep2 (2 processes)": (1, 1, 2, 1)}
 
@@ -180,11 +181,9 @@ def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rat
 
 def rate_bytes(rate: str) -> float:
     """A tc rate ("500mbit", "1gbit") in bytes per second."""
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-    for unit, scale in units.items():
-        if rate.endswith(unit):
-            return float(rate[: -len(unit)]) * scale / 8
-    raise ValueError(f"--rate {rate!r}: expected a number followed by kbit, mbit or gbit.")
+    from shaped_cluster import rate_bits
+
+    return rate_bits(rate) / 8
 
 
 def inside(args) -> None:
@@ -201,7 +200,7 @@ def inside(args) -> None:
         for name, layout in _chosen(args).items():
             for link in ("unshaped", "shaped"):
                 if link == "shaped":
-                    ShapedCluster().shape(layout_rate(args.rate, layout), args.burst)
+                    ShapedCluster(args.link == "fair").shape(layout_rate(args.rate, layout), args.burst)
                 runs: dict[str, list[list[dict]]] = {"none": [], "ep": []}
                 for _ in range(args.repeats):  # off and on alternate, so a load change hits both
                     for overlap in ("none", "ep"):
@@ -233,7 +232,7 @@ def report(results: dict, args) -> None:
     print(f"\nk2_tiny (hidden 256, 8 MoE layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, "
           f"{MICRO} micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
           f"rank given {cores}/ranks of the {cores} cores and its link shaped to {args.rate} x its share / the "
-          f"8-process layout's (htb burst {args.burst}); times in s.\n"
+          f"8-process layout's (htb burst {args.burst}; {LINKS[args.link]}); times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
           "exposed: loop - compute; best: max(compute, link), the loop if every exchange hid under compute "
@@ -270,6 +269,10 @@ def report(results: dict, args) -> None:
             measured = max(r["loop"] for r in results[name, "shaped", overlap])
             print(f"  plan (as built, compute calibrated, link at the {link} rate) overlap={overlap}: "
                   f"{planned_s:.3f} s, measured slowest rank {measured:.3f} s, plan/measured {planned_s / measured:.2f}")
+        # The plan's model of the pairs (parallel/plan/exposed_time.py): what it leaves exposed here.
+        print("  plan's exposed on / off: " + ", ".join(
+            f"{(planned[link, 'ep'] - unshaped) / (planned[link, 'none'] - unshaped):.2f} at the {link} rate"
+            for link in ("shaped", "replayed")))
 
 
 def _chosen(args) -> dict[str, tuple[int, int, int, int]]:
@@ -281,7 +284,7 @@ def outside(args) -> None:
     whatever happens."""
     from shaped_cluster import NAMESPACE, ShapedCluster
 
-    cluster = ShapedCluster()
+    cluster = ShapedCluster(args.link == "fair")
     # SIGTERM becomes an exception, so the finally below removes the cluster then too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
@@ -290,7 +293,7 @@ def outside(args) -> None:
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
                         "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
-                        "--only", args.only], check=True, env=env)
+                        "--only", args.only, "--link", args.link], check=True, env=env)
     finally:
         cluster.remove()
 
@@ -301,11 +304,17 @@ def main() -> None:
     # Just above the loopback's 64 KiB packets: a larger bucket refills during compute and lets each
     # exchange's first bytes through at once, hiding part of the link time from the plain run.
     parser.add_argument("--burst", default="80kb", help="htb burst of every rank's link")
+    parser.add_argument("--link", choices=("fifo", "fair"), default="fifo",
+                        help="how a rank's link serves its connections: one queue in order, or each its share in turn")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        rate_bytes(args.rate)
+    except ValueError as error:
+        parser.error(str(error))
     if args.inside:
         inside(args)
     else:

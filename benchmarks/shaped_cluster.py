@@ -10,7 +10,12 @@ Both would hide the effect overlap is meant to have. So:
   rank's sockets carry the net_cls class id of its rank; an nftables rule in the namespace turns
   the class id into the packet's priority, and an htb class per rank on the loopback, selected by
   that priority, sends at the link rate. A rank's outgoing traffic is shaped at the rate, as a NIC
-  of that rate would, and waiting on it costs no CPU.
+  of that rate would, and waiting on it costs no CPU. How a link serves its connections is a choice
+  (`fair`): by default one queue, first in first out, so a message waits for every byte queued
+  before it; fair, each connection (hashed by its TCP ports into one of `FLOWS` buckets, child
+  classes of the rank's) gets its share in turn, as a NIC serves its queue pairs. The two bound
+  what overlap gains: with two exchanges in flight, one queue finishes the first one first, fair
+  sharing finishes both late, but lets a small message (an exchange's counts) pass a large one.
 - **Compute**: a cpu cgroup per rank, capped at cores / ranks of CPU time, so that a rank's unused
   share stays unused (`join`).
 
@@ -32,6 +37,7 @@ RUN = Path("/run") / NAMESPACE
 CPU, NET_CLS = RUN / "cpu", RUN / "net_cls"
 PERIOD_US = 10_000  # a short CFS period: a rank's CPU share comes in slices of a few milliseconds
 MAX_RANKS = 8
+FLOWS = 16  # fair sharing: buckets per rank's link (two connections share one with chance 1/16)
 
 
 def _run(command: list[str], **kwargs) -> None:
@@ -43,14 +49,23 @@ def _htb_minor(rank: int) -> int:
     return 0x10 + rank
 
 
+def _flow_minor(rank: int) -> int:
+    """The first of `rank`'s `FLOWS` bucket classes, children of its class: 1:(0x100 + 0x20 * rank)."""
+    return 0x100 + 0x20 * rank
+
+
 def _class_id(rank: int) -> int:
     """The net_cls class id of `rank`, 0x0001_00RR: the handle of its htb class, which the nftables
-    rule copies into the packet's priority."""
+    rule copies into the packet's priority (or hashes into one of its buckets')."""
     return 0x10000 + _htb_minor(rank)
 
 
 class ShapedCluster:
-    """The namespace, per-rank cgroups and per-rank link classes of the benchmark."""
+    """The namespace, per-rank cgroups and per-rank link classes of the benchmark; `fair`: each
+    link shares its rate between its connections rather than serving one queue in order."""
+
+    def __init__(self, fair: bool = False):
+        self.fair = fair
 
     def create(self) -> None:
         if os.geteuid() != 0:
@@ -70,7 +85,9 @@ class ShapedCluster:
             for mount in (CPU, NET_CLS):
                 (mount / NAMESPACE / f"rank{rank}").mkdir(parents=True, exist_ok=True)
             (NET_CLS / NAMESPACE / f"rank{rank}" / "net_cls.classid").write_text(str(_class_id(rank)))
-            rules.append(f"meta cgroup {_class_id(rank):#x} meta priority set 1:{_htb_minor(rank):x}")
+            target = (f"jhash tcp sport . tcp dport mod {FLOWS} offset {0x10000 + _flow_minor(rank):#x}" if self.fair
+                      else f"1:{_htb_minor(rank):x}")
+            rules.append(f"meta cgroup {_class_id(rank):#x} meta priority set {target}")
         table = ("table inet k2bench {\n chain out {\n  type filter hook output priority 0; policy accept;\n  "
                  + "\n  ".join(rules) + "\n }\n}\n")
         _run(["ip", "netns", "exec", NAMESPACE, "nft", "-f", "-"], input=table.encode())
@@ -78,14 +95,19 @@ class ShapedCluster:
     def shape(self, rate: str, burst: str) -> None:
         """Every rank's outgoing traffic at `rate` (a tc rate, e.g. 200mbit); the rest unshaped. Called
         again, it changes the rate; `unshape` removes the shaping."""
-        def tc(*args: str) -> None:
-            _run(["ip", "netns", "exec", NAMESPACE, "tc", *args])
-
-        tc("qdisc", "replace", "dev", "lo", "root", "handle", "1:", "htb", "default", "1")
-        tc("class", "replace", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit", "quantum", "200000")
+        lines = ["qdisc replace dev lo root handle 1: htb default 1",
+                 "class replace dev lo parent 1: classid 1:1 htb rate 100gbit quantum 200000"]
         for rank in range(MAX_RANKS):
-            tc("class", "replace", "dev", "lo", "parent", "1:", "classid", f"1:{_htb_minor(rank):x}", "htb", "rate", rate,
-               "burst", burst, "quantum", "20000")
+            lines.append(f"class replace dev lo parent 1: classid 1:{_htb_minor(rank):x} htb rate {rate} burst {burst} "
+                         "quantum 20000")
+            if self.fair:  # every bucket may take the whole link; busy ones take turns, a quantum each
+                lines += [f"class replace dev lo parent 1:{_htb_minor(rank):x} classid 1:{_flow_minor(rank) + flow:x} "
+                          f"htb rate {rate_bits(rate) // FLOWS}bit ceil {rate} burst {burst} quantum 20000"
+                          for flow in range(FLOWS)]
+        done = subprocess.run(["ip", "netns", "exec", NAMESPACE, "tc", "-batch", "-"], capture_output=True,
+                              input="\n".join(lines).encode() + b"\n")
+        if done.returncode:
+            raise RuntimeError(f"tc refused the links' classes: {done.stderr.decode().strip()}")
 
     def unshape(self) -> None:
         """The loopback unshaped again."""
@@ -107,6 +129,14 @@ class ShapedCluster:
                 mount.rmdir()
         if RUN.is_dir():
             RUN.rmdir()
+
+
+def rate_bits(rate: str) -> int:
+    """A tc rate ("500mbit", "1gbit", "150000kbit") in bits per second."""
+    for unit, scale in (("kbit", 1e3), ("mbit", 1e6), ("gbit", 1e9)):
+        if rate.endswith(unit):
+            return int(float(rate[: -len(unit)]) * scale)
+    raise ValueError(f"link rate {rate!r}: expected a number followed by kbit, mbit or gbit.")
 
 
 def join(rank: int, cpu_share: float) -> None:
