@@ -134,7 +134,7 @@ class ShapedCluster:
 def rate_bits(rate: str) -> int:
     """A tc rate ("500mbit", "1gbit", "150000kbit") in bits per second."""
     for unit, scale in (("kbit", 1e3), ("mbit", 1e6), ("gbit", 1e9)):
-        if rate.endswith(unit):
+        if rate.endswith(unit) and rate[: -len(unit)].replace(".", "", 1).isdigit():
             return int(float(rate[: -len(unit)]) * scale)
     raise ValueError(f"link rate {rate!r}: expected a number followed by kbit, mbit or gbit.")
 
