@@ -47,6 +47,13 @@ def run(tmp: Path, name: str, layout: list[str], steps: int, ckpt: Path, world: 
     return [json.loads(line) for line in lines]
 
 
+def copy_up_to_step_2(source: Path, target: Path) -> None:
+    """A copy of a 3-step run's checkpoints without step 3, `latest` at step 2: a run that stopped there."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "step_00000003")
+    (target / "latest").write_text("step_00000002")
+
+
 def model_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     out = tmp / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
     dcp_to_torch_save(str(checkpoint), str(out))
@@ -80,9 +87,7 @@ def test_multi_process_resume_is_bit_for_bit(tmp):
     layout = ["parallel.pp=2", "parallel.vp=2", "parallel.ep=2", "parallel.dp=1"]
     whole = run(tmp, "w8", layout, 3, tmp / "c-w8", 4)
     # The run's step-2 checkpoint (it saves every step) stands for a run that stopped there.
-    shutil.copytree(tmp / "c-w8", tmp / "c-a8")
-    shutil.rmtree(tmp / "c-a8" / "step_00000003")
-    (tmp / "c-a8" / "latest").write_text("step_00000002")
+    copy_up_to_step_2(tmp / "c-w8", tmp / "c-a8")
     resumed = run(tmp, "b8", layout, 3, tmp / "c-a8", 4)
     assert [r["loss"] for r in resumed] == [whole[2]["loss"]]
     a, b = model_tensors(tmp / "c-w8" / "step_00000003", tmp), model_tensors(tmp / "c-a8" / "step_00000003", tmp)
@@ -102,10 +107,8 @@ def test_a_checkpoint_reshards_to_another_layout(tmp, target, world):
     _reshard_source(tmp)
     reference = [json.loads(line) for line in (tmp / "runs" / "src" / "metrics.jsonl").read_text().splitlines()[1:]]
     name = f"dst{world}"
-    shutil.copytree(tmp / "c-reshard-src", tmp / f"c-{name}")
-    # Keep only step 2 so the new layout resumes there and recomputes step 3.
-    shutil.rmtree(tmp / f"c-{name}" / "step_00000003")
-    (tmp / f"c-{name}" / "latest").write_text("step_00000002")
+    # Only step 2, so the new layout resumes there and recomputes step 3.
+    copy_up_to_step_2(tmp / "c-reshard-src", tmp / f"c-{name}")
     continued = run(tmp, name, target, 3, tmp / f"c-{name}", world, BLOCKS)
     assert [r["step"] for r in continued] == [3]
     assert continued[0]["loss"] == pytest.approx(reference[2]["loss"], rel=1e-6)
