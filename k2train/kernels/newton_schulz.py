@@ -57,9 +57,14 @@ def _gram_kernel(p_ptr, c_ptr, out_ptr, N, K, alpha, beta,
         acc += beta * c.to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)  # one rounding of alpha·PPᵀ + beta·C, as baddbmm does
     o_base = out_ptr + batch * stride_ob
-    tl.store(o_base + rows_i[:, None] * stride_on + rows_j[None, :], out, mask=mask)
-    if i != j:
-        tl.store(o_base + rows_j[:, None] * stride_on + rows_i[None, :], tl.trans(out), mask=tl.trans(mask))
+    # The elements on and above the diagonal, then their mirror below it. Off the diagonal (i < j)
+    # that is the whole block twice; a diagonal block keeps only its upper half, so the result is
+    # exactly symmetric whatever order tl.dot sums its (r, c) and (c, r) elements in (a CPU's BLAS
+    # may differ between the two).
+    upper = rows_i[:, None] <= rows_j[None, :]
+    below = rows_i[:, None] < rows_j[None, :]
+    tl.store(o_base + rows_i[:, None] * stride_on + rows_j[None, :], out, mask=mask & upper)
+    tl.store(o_base + rows_j[:, None] * stride_on + rows_i[None, :], tl.trans(out), mask=tl.trans(mask & below))
 
 
 def default_blocks(N: int, K: int) -> tuple[int, int]:
@@ -71,8 +76,8 @@ def gram(P: Tensor, C: Tensor | None = None, alpha: float = 1.0, beta: float = 0
          blocks: tuple[int, int] | None = None, num_warps: int | None = None, num_stages: int = 3) -> Tensor:
     """alpha·P·Pᵀ + beta·C for P [B, N, K] and C [B, N, N] (symmetric): [B, N, N] in P's dtype.
 
-    Only the blocks on and above the diagonal are computed; each is stored twice (mirrored), so the
-    result is exactly symmetric. C must be symmetric (only its upper blocks are read). FP32 inputs
+    Only the blocks on and above the diagonal are computed; each is stored twice (mirrored; a
+    diagonal block's upper half is mirrored into its lower half), so the result is exactly symmetric. C must be symmetric (only its upper blocks are read). FP32 inputs
     are multiplied in full FP32 (no TF32), as torch's own matmul does by default.
     """
     if P.ndim != 3 or (C is not None and C.shape != (P.shape[0], P.shape[1], P.shape[1])):
