@@ -42,7 +42,10 @@ QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=fal
 # K2's 61 are (§2.3): with a dense first layer, one of the bench's 4 virtual stages (one of k2_1t's
 # 32) would hold a single MoE layer, and where a pair matches it with a full stage, half of the other
 # task's exchanges would have nothing to hide under.
-SIZES = ["data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
+# Newton-Schulz in float32: the update after the loop counts in the step, and on a CPU without native
+# bfloat16 matrix instructions (AVX2 only) torch multiplies bfloat16 far slower than float32; there a
+# bfloat16 update took 32 s of a 44.5 s PP1xEP2 step whose loop took 12.0 s.
+SIZES = ["optimizer.ns_dtype=float32", "data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
          "model.hidden_size=256", "model.moe_intermediate_size=256",
          "model.num_layers=8", "model.first_dense_layers=0", "model.experts_per_token=4"]
 # Micro-batches per rank and step: warm-up forwards and cool-down backwards run unpaired, so a long
