@@ -77,8 +77,9 @@ def gram(P: Tensor, C: Tensor | None = None, alpha: float = 1.0, beta: float = 0
     """alpha·P·Pᵀ + beta·C for P [B, N, K] and C [B, N, N] (symmetric): [B, N, N] in P's dtype.
 
     Only the blocks on and above the diagonal are computed; each is stored twice (mirrored; a
-    diagonal block's upper half is mirrored into its lower half), so the result is exactly symmetric. C must be symmetric (only its upper blocks are read). FP32 inputs
-    are multiplied in full FP32 (no TF32), as torch's own matmul does by default.
+    diagonal block's upper half is mirrored into its lower half), so the result is exactly
+    symmetric. C must be symmetric (only its upper blocks are read). FP32 inputs are multiplied in
+    full FP32 (no TF32), as torch's own matmul does by default.
     """
     if P.ndim != 3 or (C is not None and C.shape != (P.shape[0], P.shape[1], P.shape[1])):
         raise ValueError(
