@@ -1,4 +1,5 @@
-"""Activation memory mechanisms (K2 §2.4.3): FP8 storage of saved activations."""
+"""Activation memory mechanisms (K2 §2.4.3): FP8 storage of saved activations, selective recomputation,
+activation offload, and the routed experts' projection whose weight gradient can wait (weight_grads.py)."""
 
 from k2train.memory.fp8 import (
     Fp8Tiles,

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from k2train.kernels.fp8_format import TILE
 from k2train.memory.fp8 import quantize_tiles, swiglu_grads, unpack_saved
+from k2train.memory.weight_grads import grouped_project
 
 
 class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
@@ -74,8 +75,8 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
 
 def project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
     """x times a weight: F.linear (offs None, w an nn.Linear weight) or torch._grouped_mm (offs the
-    int32 cumulative rows per expert, w [E, in, out])."""
-    return F.linear(x, w) if offs is None else torch._grouped_mm(x, w, offs=offs)
+    int32 cumulative rows per expert, w [E, in, out]; its weight gradient may wait, weight_grads.py)."""
+    return F.linear(x, w) if offs is None else grouped_project(x, w, offs)
 
 
 def fp8_recomputed_swiglu_down(gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor,

@@ -19,6 +19,16 @@ starts (`Turns.wait_for`): while that input is still on the wire, the other task
 Free-running threads were measured slower than no overlap on gloo; taking turns is what the
 DualPipe-style schedules do by hand, here without splitting the model's code into phases.
 
+Weight gradients under the backward's exchange. A backward's segments are about twice a forward's,
+so the forward's exchanges hide easily and the backward's do not: the dispatch's backward exchange
+would be covered by the forward's shortest segment alone (attention, shared expert, router), and the
+forward's next counts exchange would queue behind it on the link. So a paired backward defers the
+routed experts' weight gradients (k2train/memory/weight_grads.py): it computes their input
+gradients, issues the dispatch's exchange, computes the weight gradients under it, and only then
+hands the turn over. The weights' gradients reach them through autograd as before, one exchange
+later; the parameter's accumulation order is unchanged. A zero-bubble pair's input pass computes no
+weight gradients (its weight pass follows the pair), so it defers none.
+
 Collectives of one process group must be issued in the same order on every rank. Each task's own
 order is fixed, and the backward's exchanges go over a second EP group of the same ranks
 (`backward_expert_group`), so each group sees only forwards or only backwards, in the same order on
@@ -48,6 +58,7 @@ from typing import Any
 
 import torch
 
+from k2train.memory.weight_grads import deferring_weight_grads, run_deferred_weight_grads
 from parallel.collectives import Collectives
 from parallel.pipeline.schedule_table import paired_order
 from parallel.state import ParallelState, my_group
@@ -79,6 +90,7 @@ class Turns:
         self._holder: int | None = None
         self._live = [False, False]
         self.hand_overs = 0  # times the turn passed to the other task (a count for tests and reports)
+        self.deferred_grads = 0  # expert weight gradients computed under a backward's exchange (the same)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
 
     def hand_over(self) -> None:
@@ -104,7 +116,7 @@ class Turns:
         Returns `first`'s result; an error in either is raised here after both have ended."""
         with self._cond:
             self._holder, self._live = 0, [True, True]
-        job = self._pool.submit(self._task, 1, second)
+        job = self._pool.submit(self._task, 1, _deferring(second))
         try:
             return self._task(0, first)
         finally:
@@ -127,6 +139,16 @@ class Turns:
         self._pool.shutdown(wait=True)
 
 
+def _deferring(backward: Callable[[], None]) -> Callable[[], None]:
+    """`backward` with the routed experts' weight gradients deferred to its next exchange."""
+
+    def run() -> None:
+        with deferring_weight_grads():
+            backward()
+
+    return run
+
+
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
                group: Any, turns: Turns | None, collectives: Collectives) -> None:
     """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's turn."""
@@ -134,6 +156,9 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | Non
         collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group)
         return
     work = collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+    # A backward's exchange (the dispatch's) is now on the wire: the experts' weight gradients it
+    # deferred run under it, before the turn passes (nothing is deferred in a forward).
+    turns.deferred_grads += run_deferred_weight_grads()
     turns.hand_over()
     work.wait()
 

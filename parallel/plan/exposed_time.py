@@ -9,7 +9,10 @@ backwards alone. What that hides, step by step:
 - in a pair, one task's exchanges are in flight while the other computes, so the forward's
   exchanges hide under the backward's compute and the backward's under the forward's, each only up
   to that compute. A backward computes about twice what a forward does and exchanges as many bytes,
-  so at a slow link the backward's exchanges are the first to show.
+  so at a slow link the backward's exchanges are the first to show. The model counts the pair's
+  compute as a whole; the runtime earns that by computing a paired backward's expert weight
+  gradients under its dispatch's exchange (overlap.py), without which that exchange would be
+  covered by the forward's shortest segment alone.
 Summed over the rank's steps, that is the EP time the plan adds to the rank's compute as built
 (planner.py `_exposed_as_built`). The ideal (K2's accounting) hides all of it under compute.
 

@@ -128,7 +128,10 @@ class ShardGroup:
 
     @torch.no_grad()
     def _accumulate_param(self, param: nn.Parameter) -> None:
-        """Add a parameter's .grad into the float32 buffer and free it."""
+        """Add a parameter's .grad into the float32 buffer and free it. A backward that deferred a
+        weight's gradient (k2train/memory/weight_grads.py) runs its accumulation with none: nothing to add."""
+        if param.grad is None:
+            return
         self._start_accumulating()
         for slot in self._slots_of[id(param)]:
             self._flat(slot).add_(slot.grad())
