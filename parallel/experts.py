@@ -40,7 +40,7 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad_ND = grad_MD.new_empty(sum(in_splits), grad_MD.shape[1])
         all_to_all(grad_ND, grad_MD.contiguous(), in_splits, out_splits, ctx.exchange.backward_group,
-                   ctx.exchange.turns, ctx.exchange.collectives)
+                   ctx.exchange.turns, ctx.exchange.collectives, backward=True)
         return grad_ND, None, None, None
 
 

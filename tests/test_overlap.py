@@ -118,18 +118,19 @@ def test_config_rejects_unknown_overlap():
         load_config(Path(__file__).parents[1] / "configs" / "k2_tiny.yaml", ["parallel.overlap=everything"])
 
 
-# PP1 x EP4: forward m+1 paired with backward m, with activation offload and selective recompute (a
-# pair's forward packs while its backward fetches and recomputes); PP2 x V2 x EP2 x DP2: pairs inside
+# PP1 x EP4: forward m+1 paired with backward m, with K2's activation memory: offload, selective
+# recompute and FP8 storage (a pair's forward packs while its backward fetches and recomputes, and
+# the experts' FP8 projections defer their weight gradients); PP2 x V2 x EP2 x DP2: pairs inside
 # the interleaved 1F1B, with the data-parallel reduction and the pipeline's sends and receives around
 # them; PP2 x EP2 zero-bubble: the input-gradient pass paired, the weight-gradient pass after it.
-MEMORY = ["memory.activation_offload=true", "memory.selective_recompute=true"]
+MEMORY = ["memory.activation_offload=true", "memory.selective_recompute=true", "memory.fp8_activations=true"]
 
 
 @pytest.mark.parametrize("layout,extra", [
     ((1, 1, 4, 1, "interleaved_1f1b"), MEMORY),
     ((2, 2, 2, 2, "interleaved_1f1b"), []),
     ((2, 1, 2, 1, "interleaved_zero_bubble"), []),
-], ids=["pp1xep4-offload-recompute", "pp2xvp2xep2xdp2", "pp2xep2-zero-bubble"])
+], ids=["pp1xep4-offload-recompute-fp8", "pp2xvp2xep2xdp2", "pp2xep2-zero-bubble"])
 def test_overlap_matches_plain_bit_for_bit(layout, extra, data, plain_runs):
     pp, vp, ep, dp, schedule = layout
     overrides = BASE + layout_overrides(pp, vp, ep, dp, schedule) + extra

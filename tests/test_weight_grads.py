@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from k2train.memory.fp8 import fp8_saved_grouped_mm
+from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down
 from k2train.memory.weight_grads import deferring_weight_grads, grouped_project, run_deferred_weight_grads
 
 COUNTS = [3, 0, 5, 8]  # rows per expert, one expert with none
@@ -88,8 +90,41 @@ def test_an_input_gradient_pass_computes_no_weight_gradient():
     assert stack.grad is None and seen == []
 
 
-def test_deferring_twice_in_one_thread_is_refused():
+def test_deferring_twice_at_once_is_refused():
     with deferring_weight_grads():
-        with pytest.raises(RuntimeError, match="already deferring"):
+        with pytest.raises(RuntimeError, match="already being deferred"):
             with deferring_weight_grads():
                 pass
+
+
+def _fp8_grouped_mm(x, w, offs):
+    return fp8_saved_grouped_mm(x, w, offs)
+
+
+def _fp8_recomputed_down(x, w, offs):
+    # x stands for gate and up both; the scale is the routed experts' combine weight per row.
+    return fp8_recomputed_swiglu_down(x, x * 0.5, w, offs, scale=torch.linspace(0.1, 1.0, x.shape[0])[:, None])
+
+
+@pytest.mark.parametrize("projection", [_fp8_grouped_mm, _fp8_recomputed_down], ids=["fp8-saved", "fp8-recomputed-down"])
+@pytest.mark.parametrize("leaf", [False, True], ids=["view-of-parameter", "leaf-weight"])
+def test_the_fp8_expert_projections_defer_their_weight_gradients_too(projection, leaf):
+    # K2's configuration saves the experts' inputs as FP8 and recomputes the down-projection: those
+    # projections have backwards of their own, which defer their weight gradients the same way.
+    x, _, offs, _ = _problem(torch.float32, True)
+    x = x.detach()[:, :8].contiguous().requires_grad_()  # [N, 8]: rows of width 8 projected to 16
+    if leaf:  # the weight [E, 8, 16] itself a leaf
+        stack = torch.randn(len(COUNTS), 8, 16).requires_grad_()
+        weight = lambda: stack  # noqa: E731
+    else:  # a transposed view of an [E, 16, 8] stack, as the experts pass theirs
+        stack = torch.randn(len(COUNTS), 16, 8).requires_grad_()
+        weight = lambda: stack.transpose(-2, -1)  # noqa: E731
+    grad = torch.randn(sum(COUNTS), 16)
+    projection(x, weight(), offs).backward(grad)
+    want_x, want_w = x.grad, stack.grad
+    x.grad = stack.grad = None
+    with deferring_weight_grads():
+        projection(x, weight(), offs).backward(grad)
+        assert torch.equal(x.grad, want_x) and stack.grad is None
+        assert run_deferred_weight_grads() == 1
+        assert torch.equal(stack.grad, want_w)

@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from k2train.kernels import use_triton
 from k2train.kernels.fp8_format import E4M3_MAX, FP8_DTYPE, SCALE_FLOOR, TILE
+from k2train.memory.weight_grads import grouped_weight_grad
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -235,13 +236,10 @@ class _Fp8SavedGroupedMm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch._grouped_mm(grad_NI, w_EDI.transpose(-2, -1), offs=offs)
         if ctx.needs_input_grad[1]:
-            x_ND = unpack_saved(data, scales, ctx.x_dtype, ctx.tile)
-            # Per group e: grad_w[e] = x_eᵀ grad_e, formed in the weight's own memory order as
-            # torch's _grouped_mm backward does (same GEMMs, so the same bits on the same inputs).
-            if w_EDI.stride(-2) > w_EDI.stride(-1):
-                grad_w = torch._grouped_mm(x_ND.t(), grad_NI, offs=offs)
-            else:
-                grad_w = torch._grouped_mm(grad_NI.t(), x_ND, offs=offs).transpose(-2, -1)
+            # Per group e: grad_w[e] = x_eᵀ grad_e from the dequantised x, now or deferred under the
+            # dispatch's exchange (weight_grads.py).
+            grad_w = grouped_weight_grad(ctx, 1, lambda: unpack_saved(data, scales, ctx.x_dtype, ctx.tile), grad_NI,
+                                         w_EDI, offs)
         return grad_x, grad_w, None, None, None
 
 

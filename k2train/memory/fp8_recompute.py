@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from k2train.kernels.fp8_format import TILE
 from k2train.memory.fp8 import quantize_tiles, swiglu_grads, unpack_saved
-from k2train.memory.weight_grads import grouped_project
+from k2train.memory.weight_grads import grouped_project, grouped_weight_grad
 
 
 class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
@@ -59,12 +59,8 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
         if ctx.grouped:
             grad_out = grad_out.contiguous()  # _grouped_mm needs 16-byte aligned strides
             grad_h = torch._grouped_mm(grad_out, w_down.transpose(-2, -1), offs=offs)
-            if ctx.needs_input_grad[2]:
-                # As torch's _grouped_mm backward forms it, in the weight's own memory order.
-                if w_down.stride(-2) > w_down.stride(-1):
-                    grad_w = torch._grouped_mm(hidden.t(), grad_out, offs=offs)
-                else:
-                    grad_w = torch._grouped_mm(grad_out.t(), hidden, offs=offs).transpose(-2, -1)
+            if ctx.needs_input_grad[2]:  # now, or deferred under the dispatch's exchange (weight_grads.py)
+                grad_w = grouped_weight_grad(ctx, 2, lambda: hidden, grad_out, w_down, offs)
         else:
             grad_h = grad_out.matmul(w_down)
             if ctx.needs_input_grad[2]:

@@ -11,52 +11,55 @@ attention and router against a backward's exchange). This is the input/weight-gr
 that DualPipe and zero-bubble schedules use, applied inside one MoE layer.
 
 `grouped_project` is torch._grouped_mm with its own backward: the input gradient at once, the
-weight gradient at once too unless this thread is inside `deferring_weight_grads`, where it is
-queued until `run_deferred_weight_grads` (the exchange's issue) or the end of the scope. A queued
+weight gradient at once too unless inside `deferring_weight_grads`, where it is queued until
+`run_deferred_weight_grads` (the exchange's issue) or the end of the scope. The experts' FP8
+variants (fp8.py `fp8_saved_grouped_mm`, fp8_recompute.py's down-projection) form their weight
+gradients through `grouped_weight_grad` too, so K2's configuration defers them as well. A queued
 gradient reaches the weight through autograd (`torch.autograd.backward` on the weight's gradient
 edge), so the parameter's accumulation and its hooks run as they would have: the same values, one
 layer later in time. Each gradient is formed as torch's own _grouped_mm backward forms it, so the
 values equal autograd's bit for bit. Only the gradients the running backward asks for are computed
 (a zero-bubble input-gradient pass needs no weight gradient; its weight pass no input gradient).
+
+The scope is the process's, not a thread's: on a GPU the autograd engine runs a backward's nodes
+on its device thread, not in the thread that started the backward. One backward at a time runs
+in it (a pair holds one backward; its forward computes no gradient).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch.autograd.graph import GradientEdge
 
-_local = threading.local()
-
-
-def _queue() -> list[Callable[[], None]] | None:
-    return getattr(_local, "queue", None)
+# The weight gradients waiting in the open scope, oldest first; None outside `deferring_weight_grads`.
+_waiting: list[Callable[[], None]] | None = None
 
 
 @contextmanager
 def deferring_weight_grads() -> Iterator[None]:
-    """In this thread, the routed experts' weight gradients wait for `run_deferred_weight_grads`;
-    any still waiting at the end of the scope are computed there."""
-    if _queue() is not None:
-        raise RuntimeError("deferring_weight_grads: this thread is already deferring its weight gradients.")
-    _local.queue = []
+    """While open, the routed experts' weight gradients wait for `run_deferred_weight_grads`; any
+    still waiting at the end of the scope are computed there."""
+    global _waiting
+    if _waiting is not None:
+        raise RuntimeError("deferring_weight_grads: weight gradients are already being deferred; "
+                           "one backward at a time may defer them.")
+    _waiting = []
     try:
         yield
         run_deferred_weight_grads()
     finally:
-        _local.queue = None
+        _waiting = None
 
 
 def run_deferred_weight_grads() -> int:
-    """Compute and accumulate the weight gradients this thread has deferred, in the order queued
-    (nothing outside `deferring_weight_grads`); returns how many."""
-    queue = _queue()
+    """Compute and accumulate the weight gradients deferred so far, in the order queued (none
+    outside `deferring_weight_grads`); returns how many."""
     done = 0
-    while queue:
-        queue.pop(0)()
+    while _waiting:
+        _waiting.pop(0)()
         done += 1
     return done
 
@@ -73,10 +76,26 @@ def _will_run(edge: tuple) -> bool:
 
 
 def weight_grad(x_ND: torch.Tensor, grad_NO: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """d(x @ w[e] per group)/dw, in the weight's own memory order, as torch's _grouped_mm backward forms it."""
+    """d(x @ w[e] per group)/dw, in the weight's own memory order, as torch's _grouped_mm backward
+    forms it (the same GEMMs, so the same bits on the same inputs)."""
     if w.stride(-2) > w.stride(-1):
         return torch._grouped_mm(x_ND.t(), grad_NO, offs=offs)
     return torch._grouped_mm(grad_NO.t(), x_ND, offs=offs).transpose(-2, -1)
+
+
+def grouped_weight_grad(ctx, index: int, x_of: Callable[[], torch.Tensor], grad_NO: torch.Tensor,
+                        w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
+    """For the backward of a grouped-experts autograd Function (`ctx`) whose input `index` is the
+    weight w of a projection x @ w[e] (x = `x_of()`, e.g. dequantised from what was saved): the
+    weight's gradient to return, or None where the running backward does not need it or, inside
+    `deferring_weight_grads`, where it is queued to reach the weight through autograd later."""
+    edge = ctx.next_functions[index]
+    if not _will_run(edge):
+        return None
+    if _waiting is None:
+        return weight_grad(x_of(), grad_NO, w, offs)
+    _waiting.append(lambda: torch.autograd.backward([GradientEdge(*edge)], [weight_grad(x_of(), grad_NO, w, offs)]))
+    return None
 
 
 class _GroupedProject(torch.autograd.Function):
@@ -91,15 +110,7 @@ class _GroupedProject(torch.autograd.Function):
     def backward(ctx, grad_NO):
         x_ND, w, offs = ctx.saved_tensors
         grad_x = torch._grouped_mm(grad_NO, w.transpose(-2, -1), offs=offs) if _will_run(ctx.next_functions[0]) else None
-        grad_w = None
-        if _will_run(ctx.next_functions[1]):
-            queue = _queue()
-            if queue is None:
-                grad_w = weight_grad(x_ND, grad_NO, w, offs)
-            else:
-                edge = GradientEdge(*ctx.next_functions[1])
-                queue.append(lambda: torch.autograd.backward([edge], [weight_grad(x_ND, grad_NO, w, offs)]))
-        return grad_x, grad_w, None
+        return grad_x, grouped_weight_grad(ctx, 1, lambda: x_ND, grad_NO, w, offs), None
 
 
 def grouped_project(x_ND: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -150,15 +150,15 @@ def _deferring(backward: Callable[[], None]) -> Callable[[], None]:
 
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
-               group: Any, turns: Turns | None, collectives: Collectives) -> None:
-    """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's turn."""
+               group: Any, turns: Turns | None, collectives: Collectives, backward: bool = False) -> None:
+    """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's
+    turn (a `backward` exchange after the weight gradients deferred before it, too)."""
     if turns is None:
         collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group)
         return
     work = collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
-    # A backward's exchange (the dispatch's) is now on the wire: the experts' weight gradients it
-    # deferred run under it, before the turn passes (nothing is deferred in a forward).
-    turns.deferred_grads += run_deferred_weight_grads()
+    if backward:  # the experts' weight gradients deferred before it run under it, before the turn passes
+        turns.deferred_grads += run_deferred_weight_grads()
     turns.hand_over()
     work.wait()
 
