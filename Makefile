@@ -98,7 +98,7 @@ bench-split: install
 # whose loopback is rate-limited (tc tbf), beside the plan's time model; needs root (not a test).
 # RATE=500mbit by default; about 15 minutes on 2 cores.
 bench-overlap: install
-	$(BIN)/python benchmarks/cpu_overlap.py $(if $(RATE),--rate $(RATE))
+	$(BIN)/python benchmarks/cpu_overlap.py $(if $(RATE),--rate $(RATE)) $(if $(WGRAD),--wgrad)
 
 # memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
 # memory (step time, bytes by place, how much of the copying the update hides; not a test).

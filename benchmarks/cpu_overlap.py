@@ -15,7 +15,9 @@ overlap changes), the whole step's, the compute time (the loop on the unshaped l
 time (one step's all-to-alls replayed back to back with no compute), the exposed wait (loop minus
 compute) and the best loop max(compute, link). Per layout it then sets `k2train plan`'s time model
 against the slowest rank's loop, overlap off and on (`planned_loops`). Timings are medians over the
-steps after the first, then over the repeats.
+steps after the first, then over the repeats. With `--wgrad` (`make bench-overlap WGRAD=1`) a third
+setting alternates with the two: overlap on with the experts' weight gradients computed in place
+(parallel.delay_wgrad=false), so the weight-gradient split is measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ SIZES = ["optimizer.ns_dtype=float32", "data.seq_len=128", "train.micro_batch_si
 # the size were worse: the overlap's cost per micro-batch grew and the link's share of the plain
 # step fell below 0.40.
 MICRO = 16
+# What each setting adds to the layout's config: overlap off, on, and on with the experts' weight
+# gradients computed in place rather than under the backward's exchange (`--wgrad`).
+SETTINGS = {"none": ["parallel.overlap=none"], "ep": ["parallel.overlap=ep"],
+            "ep-wgrad-now": ["parallel.overlap=ep", "parallel.delay_wgrad=false"]}
 LINKS = {"fifo": "each link one queue, served in order", "fair": "each link shared fairly by its connections"}
 LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)": (2, 1, 2, 1),
            "pp1xep4 (4 processes)": (1, 1, 4, 1), "pp1xep2 (2 processes)": (1, 1, 2, 1)}
@@ -128,10 +134,10 @@ def torch_barrier() -> None:
     dist.barrier()
 
 
-def layout_overrides(pp: int, vp: int, ep: int, dp: int, overlap: str) -> list[str]:
+def layout_overrides(pp: int, vp: int, ep: int, dp: int, setting: str) -> list[str]:
     tokens = 128 * 2 * MICRO * dp * ep  # every EP rank reads its own micro-batches
     return [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
-            f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.overlap={overlap}"]
+            f"parallel.ep={ep}", f"parallel.dp={dp}", *SETTINGS[setting]]
 
 
 def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str) -> list[dict]:
@@ -204,9 +210,9 @@ def inside(args) -> None:
             for link in ("unshaped", "shaped"):
                 if link == "shaped":
                     ShapedCluster(args.link == "fair").shape(layout_rate(args.rate, layout), args.burst)
-                runs: dict[str, list[list[dict]]] = {"none": [], "ep": []}
+                runs: dict[str, list[list[dict]]] = {setting: [] for setting in _settings(args)}
                 for _ in range(args.repeats):  # off and on alternate, so a load change hits both
-                    for overlap in ("none", "ep"):
+                    for overlap in runs:
                         start = time.perf_counter()
                         runs[overlap].append(run_layout(*layout, overlap, args.steps, data))
                         print(f"  {name}, {link}, overlap={overlap}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -242,10 +248,11 @@ def report(results: dict, args) -> None:
           "or the link never idled")
     for name in _chosen(args):
         print(f"\n{name}, links at {layout_rate(args.rate, LAYOUTS[name])}")
-        print("  rank  overlap  step    loop    compute  link    exposed  best    loop/plain  exposed/plain  best/plain")
+        print("  rank  overlap       step    loop    compute  link    exposed  best    loop/plain  exposed/plain  best/plain")
         plain = results[name, "shaped", "none"]
-        ratios: dict[str, list[float]] = {"step": [], "loop": [], "exposed": []}  # overlap on / off per rank
-        for overlap in ("none", "ep"):
+        # overlap on / off per rank, per setting with overlap on
+        ratios = {s: {"step": [], "loop": [], "exposed": []} for s in _settings(args) if s != "none"}
+        for overlap in _settings(args):
             for rank, got in enumerate(results[name, "shaped", overlap]):
                 c = results[name, "unshaped", overlap][rank]["loop"]
                 c_plain = results[name, "unshaped", "none"][rank]["loop"]
@@ -253,18 +260,19 @@ def report(results: dict, args) -> None:
                 exposed, best = got["loop"] - c, max(c, link)
                 on_off = {"step": got["step"] / plain[rank]["step"], "loop": got["loop"] / base,
                           "exposed": exposed / (base - c_plain)}
-                print(f"  {rank:4d}  {overlap:7s}  {got['step']:.3f}  {got['loop']:.3f}  {c:.3f}    {link:.3f}   "
+                print(f"  {rank:4d}  {overlap:12s}  {got['step']:.3f}  {got['loop']:.3f}  {c:.3f}    {link:.3f}   "
                       f"{exposed:.3f}    {best:.3f}   {on_off['loop']:.2f}        "
                       f"{on_off['exposed']:.2f}           {best / base:.2f}")
-                if overlap == "ep":
+                if overlap != "none":
                     for key, value in on_off.items():
-                        ratios[key].append(value)
+                        ratios[overlap][key].append(value)
         waits = [(p["loop"] - u["loop"], p) for p, u in zip(plain, results[name, "unshaped", "none"])]
         print(f"  waiting on the all-to-all, mean share of the plain step: "
               f"{statistics.mean(w / p['step'] for w, p in waits):.2f} (of its loop: "
               f"{statistics.mean(w / p['loop'] for w, p in waits):.2f})")
-        print("  overlap on / off, range over the ranks: " + ", ".join(
-            f"{key} {min(r):.2f}-{max(r):.2f}" for key, r in ratios.items()))
+        for setting, by_key in ratios.items():
+            print(f"  {setting} / none, range over the ranks: " + ", ".join(
+                f"{key} {min(r):.2f}-{max(r):.2f}" for key, r in by_key.items()))
         unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
         link_s = max(r["comm"] for r in plain)
         planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(layout_rate(args.rate, LAYOUTS[name])), link_s)
@@ -276,6 +284,10 @@ def report(results: dict, args) -> None:
         print("  plan's exposed on / off: " + ", ".join(
             f"{(planned[link, 'ep'] - unshaped) / (planned[link, 'none'] - unshaped):.2f} at the {link} rate"
             for link in ("shaped", "replayed")))
+
+
+def _settings(args) -> tuple[str, ...]:
+    return ("none", "ep", "ep-wgrad-now") if args.wgrad else ("none", "ep")
 
 
 def _chosen(args) -> dict[str, tuple[int, int, int, int]]:
@@ -296,7 +308,8 @@ def outside(args) -> None:
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
                         "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
-                        "--only", args.only, "--link", args.link], check=True, env=env)
+                        "--only", args.only, "--link", args.link, *(["--wgrad"] if args.wgrad else [])],
+                       check=True, env=env)
     finally:
         cluster.remove()
 
@@ -312,6 +325,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
+    parser.add_argument("--wgrad", action="store_true",
+                        help="also run overlap with the experts' weight gradients in place (parallel.delay_wgrad=false)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:

@@ -101,6 +101,24 @@ def test_an_error_in_either_task_is_raised_after_both_end():
     turns.close()
 
 
+@pytest.mark.parametrize("delay", [True, False], ids=["delay_wgrad", "wgrad-in-place"])
+def test_a_paired_backward_defers_its_experts_weight_gradients_only_when_asked(delay):
+    from k2train.memory.weight_grads import grouped_project
+
+    w = torch.randn(2, 8, 4, requires_grad=True)
+    offs = torch.tensor([2, 6], dtype=torch.int32)
+    turns, computed_in_place = Turns(delay), []
+
+    def backward():
+        grouped_project(torch.randn(6, 8), w, offs).backward(torch.ones(6, 4))
+        computed_in_place.append(w.grad is not None)
+
+    turns.run_pair(lambda: None, backward)
+    turns.close()
+    assert computed_in_place == [not delay]
+    assert w.grad is not None  # what waited is computed when the backward ends
+
+
 def test_a_layout_with_nothing_to_overlap_is_refused():
     assert overlap_runs("ep", 4) and not overlap_runs("none", 4)
     check_overlap("none", 1)

@@ -16,8 +16,8 @@ weight gradient at once too unless inside `deferring_weight_grads`, where it is 
 variants (fp8.py `fp8_saved_grouped_mm`, fp8_recompute.py's down-projection) form their weight
 gradients through `grouped_weight_grad` too, so K2's configuration defers them as well. A queued
 gradient reaches the weight through autograd (`torch.autograd.backward` on the weight's gradient
-edge), so the parameter's accumulation and its hooks run as they would have: the same values, one
-layer later in time. Each gradient is formed as torch's own _grouped_mm backward forms it, so the
+edge), so the parameter's accumulation and its hooks run as they would have: the same values, a
+little later in time. Each gradient is formed as torch's own _grouped_mm backward forms it, so the
 values equal autograd's bit for bit. Only the gradients the running backward asks for are computed
 (a zero-bubble input-gradient pass needs no weight gradient; its weight pass no input gradient).
 

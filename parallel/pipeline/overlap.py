@@ -83,9 +83,11 @@ def backward_expert_group(state: ParallelState) -> Any:
 
 class Turns:
     """Two tasks of one rank taking turns: exactly one runs; `hand_over` gives the turn to the other
-    and waits until it comes back. Outside a pair, or once the other task has ended, it returns at once."""
+    and waits until it comes back. Outside a pair, or once the other task has ended, it returns at once.
+    `delay_wgrad` (parallel.delay_wgrad): the backward defers its experts' weight gradients to its exchanges."""
 
-    def __init__(self):
+    def __init__(self, delay_wgrad: bool = True):
+        self.delay_wgrad = delay_wgrad
         self._cond = threading.Condition()
         self._holder: int | None = None
         self._live = [False, False]
@@ -116,7 +118,7 @@ class Turns:
         Returns `first`'s result; an error in either is raised here after both have ended."""
         with self._cond:
             self._holder, self._live = 0, [True, True]
-        job = self._pool.submit(self._task, 1, _deferring(second))
+        job = self._pool.submit(self._task, 1, _deferring(second) if self.delay_wgrad else second)
         try:
             return self._task(0, first)
         finally:
