@@ -94,9 +94,10 @@ bench-convert: install
 bench-split: install
 	$(BIN)/python benchmarks/cpu_stage_split.py
 
-# parallel.overlap=ep off and on for PP2xVP2xEP2xDP2, PP2xEP2 and PP1xEP4 inside a network namespace
-# whose loopback is rate-limited (tc tbf), beside the plan's time model; needs root (not a test).
-# RATE=500mbit by default; about 15 minutes on 2 cores.
+# parallel.overlap=ep off and on for PP2xVP2xEP2xDP2, PP2xEP2, PP1xEP4 and PP1xEP2, each rank with its
+# own shaped link (htb) and CPU share, beside the plan's time model; needs root (not a test).
+# RATE=150mbit (the 8-process layout's links) by default; WGRAD=1 also runs overlap with
+# parallel.delay_wgrad=false. About 45 minutes on 2 cores, an hour and a quarter with WGRAD=1.
 bench-overlap: install
 	$(BIN)/python benchmarks/cpu_overlap.py $(if $(RATE),--rate $(RATE)) $(if $(WGRAD),--wgrad)
 
