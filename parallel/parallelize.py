@@ -124,7 +124,9 @@ def _apply_experts(parts: list[K2Model], state: ParallelState, cfg: JobConfig) -
     whose backwards exchange on a group of their own."""
     layout = state.layout
     check_overlap(cfg.parallel.overlap, layout.ep)
-    turns = Turns(cfg.parallel.delay_wgrad) if cfg.parallel.overlap != "none" else None
+    # A zero-bubble pipeline's paired input passes compute no weight gradients: nothing to defer.
+    split_backward = cfg.parallel.schedule == "interleaved_zero_bubble" and layout.pp > 1
+    turns = Turns(cfg.parallel.delay_wgrad and not split_backward) if cfg.parallel.overlap != "none" else None
     backward_group = backward_expert_group(state) if turns is not None else None
     for part in parts:
         apply_expert_parallel(part, state.expert_group, state.coords.ep, layout.ep, backward_group, turns,

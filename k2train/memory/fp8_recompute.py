@@ -69,10 +69,13 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, None, grad_scale, None
 
 
-def project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+def project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None, deferrable: bool = False) -> torch.Tensor:
     """x times a weight: F.linear (offs None, w an nn.Linear weight) or torch._grouped_mm (offs the
-    int32 cumulative rows per expert, w [E, in, out]; its weight gradient may wait, weight_grads.py)."""
-    return F.linear(x, w) if offs is None else grouped_project(x, w, offs)
+    int32 cumulative rows per expert, w [E, in, out]; with `deferrable`, its weight gradient may
+    wait, weight_grads.py)."""
+    if offs is None:
+        return F.linear(x, w)
+    return grouped_project(x, w, offs) if deferrable else torch._grouped_mm(x, w, offs=offs)
 
 
 def fp8_recomputed_swiglu_down(gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor,

@@ -41,6 +41,9 @@ class SavePolicy:
 
     fp8: bool = False  # memory.fp8_activations: the up-projection and SwiGLU inputs wait as FP8 tiles
     recompute: bool = False  # memory.selective_recompute: cheap, large stages run again in backward
+    # The routed experts' weight gradients may wait for the backward's exchange (weight_grads.py); set
+    # on the experts by the overlap runtime (parallel/experts.py), which alone defers them.
+    deferrable_wgrad: bool = False
 
     @classmethod
     def from_config(cls, memory: MemoryConfig) -> SavePolicy:
@@ -61,12 +64,12 @@ def swiglu_ffn(policy: SavePolicy, x: torch.Tensor, w_gate: torch.Tensor, w_up: 
         x_fp8 = quantize_shared_input(x, w_gate, w_up)
         gate, up = _fp8_project(x, w_gate, offs, x_fp8), _fp8_project(x, w_up, offs, x_fp8)
     else:
-        gate, up = project(x, w_gate, offs), project(x, w_up, offs)
+        gate, up = project(x, w_gate, offs, policy.deferrable_wgrad), project(x, w_up, offs, policy.deferrable_wgrad)
     if policy.recompute and policy.fp8:
         # Both features (K2 §2.4.3): only FP8 gate and up wait; SwiGLU and down run again from them.
         return fp8_recomputed_swiglu_down(gate, up, w_down, offs, scale=scale)
     # The region's inputs are the activations only: the weights live anyway and are read inside.
-    activate_down = partial(_activate_down, policy.fp8, w_down)
+    activate_down = partial(_activate_down, policy, w_down)
     return recomputed(policy.recompute, activate_down, gate, up, offs, scale)
 
 
@@ -74,8 +77,8 @@ def _fp8_project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None, x_
     return fp8_saved_linear(x, w, shared=x_fp8) if offs is None else fp8_saved_grouped_mm(x, w, offs, shared=x_fp8)
 
 
-def _activate_down(fp8: bool, w_down: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+def _activate_down(policy: SavePolicy, w_down: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                    offs: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
-    hidden = fp8_saved_swiglu(gate, up) if fp8 else F.silu(gate) * up
-    out = project(hidden, w_down, offs)
+    hidden = fp8_saved_swiglu(gate, up) if policy.fp8 else F.silu(gate) * up
+    out = project(hidden, w_down, offs, policy.deferrable_wgrad)
     return out if scale is None else out * scale

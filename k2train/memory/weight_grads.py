@@ -10,7 +10,9 @@ segment, instead of under the forward's segment alone, which is the shorter one 
 attention and router against a backward's exchange). This is the input/weight-gradient split
 that DualPipe and zero-bubble schedules use, applied inside one MoE layer.
 
-`grouped_project` is torch._grouped_mm with its own backward: the input gradient at once, the
+`grouped_project` is torch._grouped_mm with its own backward (the experts use it where the overlap
+runtime set `SavePolicy.deferrable_wgrad`; elsewhere torch's own op, whose backward torch's
+zero-bubble weight pass handles on every supported torch): the input gradient at once, the
 weight gradient at once too unless inside `deferring_weight_grads`, where it is queued until
 `run_deferred_weight_grads` (the exchange's issue) or the end of the scope. The experts' FP8
 variants (fp8.py `fp8_saved_grouped_mm`, fp8_recompute.py's down-projection) form their weight
