@@ -96,10 +96,12 @@ bench-split: install
 
 # parallel.overlap=ep off and on for PP2xVP2xEP2xDP2, PP2xEP2, PP1xEP4 and PP1xEP2, each rank with its
 # own shaped link (htb) and CPU share, beside the plan's time model; needs root (not a test).
-# RATE=150mbit (the 8-process layout's links) by default; WGRAD=1 also runs overlap with
-# parallel.delay_wgrad=false. About 45 minutes on 2 cores, an hour and a quarter with WGRAD=1.
+# Each layout's link rate is calibrated so the plain step waits SHARE=0.45 of its time on the
+# all-to-all, unless RATE=150mbit fixes the 8-process layout's (the others scaled by CPU share);
+# WGRAD=1 also runs overlap with parallel.delay_wgrad=false. About an hour on 2 cores, an hour and
+# a half with WGRAD=1.
 bench-overlap: install
-	$(BIN)/python benchmarks/cpu_overlap.py $(if $(RATE),--rate $(RATE)) $(if $(WGRAD),--wgrad)
+	$(BIN)/python benchmarks/cpu_overlap.py $(if $(RATE),--rate $(RATE)) $(if $(SHARE),--share $(SHARE)) $(if $(WGRAD),--wgrad)
 
 # memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
 # memory (step time, bytes by place, how much of the copying the update hides; not a test).

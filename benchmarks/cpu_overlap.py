@@ -6,9 +6,11 @@ loopback an all-to-all is a memory copy that costs CPU, not wall time, and a ran
 network lends its core to another, so overlap cannot show. The benchmark builds a small cluster on
 this machine (benchmarks/shaped_cluster.py): a network namespace in which every rank's outgoing
 traffic is shaped to the link rate (waiting on it costs no CPU) and every rank has its own share of
-the cores. It runs each layout there with overlap off and on (alternating, `--repeats` times),
-first with unshaped and then with shaped links, and removes the namespace and the cgroups at the
-end, also on failure. Only loopback addresses are used.
+the cores. Each layout's link rate is calibrated so that the plain step waits `--share` of its time
+on the all-to-all (or fixed by `--rate`). It then runs the layout there with overlap off and on
+(alternating, `--repeats` times), each setting on the unshaped and then right after on the shaped
+links, and removes the namespace and the cgroups at the end, also on failure. Only loopback
+addresses are used.
 
 Per rank it prints the micro-batch loop's time (forwards, backwards and their exchanges: the part
 overlap changes), the whole step's, the compute time (the loop on the unshaped loopback), the link
@@ -140,13 +142,14 @@ def layout_overrides(pp: int, vp: int, ep: int, dp: int, setting: str) -> list[s
             f"parallel.ep={ep}", f"parallel.dp={dp}", *SETTINGS[setting]]
 
 
-def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str) -> list[dict]:
+def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str, replay: bool = False) -> list[dict]:
+    """Every rank's timings; `replay`: also the link time of one step's all-to-alls alone."""
     from multiproc import run_world
 
     world = pp * ep * dp
     return run_world(world, "cpu_overlap:measure",
                      dict(overrides=layout_overrides(pp, vp, ep, dp, overlap), data=data, steps=steps,
-                          replay=overlap == "none", cpu_share=cpu_share(world)), timeout=900)
+                          replay=replay, cpu_share=cpu_share(world)), timeout=900)
 
 
 def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rate_bytes_s: float,
@@ -196,32 +199,72 @@ def rate_bytes(rate: str) -> float:
 
 
 def inside(args) -> None:
-    """In the namespace: every layout on the unshaped loopback, then on the shaped one."""
+    """In the namespace: per layout, the link rate (calibrated unless `--rate` fixes it), then
+    `--repeats` rounds in which every setting runs on the unshaped and on the shaped loopback, one
+    right after the other, so that a setting's compute and its shaped loop meet the same load on a
+    shared machine (the exposed wait is their difference)."""
     import json
 
     from k2train.data.prepare import prepare_dataset
     from shaped_cluster import ShapedCluster
 
+    cluster = ShapedCluster(args.link == "fair")
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "sources")
         prepare_dataset(sorted(Path(json.__file__).parent.glob("*.py")), Path(data), "byte")
         results: dict[tuple[str, str, str], list[dict]] = {}
+        rates: dict[str, str] = {}
         for name, layout in _chosen(args).items():
-            for link in ("unshaped", "shaped"):
-                if link == "shaped":
-                    ShapedCluster(args.link == "fair").shape(layout_rate(args.rate, layout), args.burst)
-                runs: dict[str, list[list[dict]]] = {setting: [] for setting in _settings(args)}
-                for _ in range(args.repeats):  # off and on alternate, so a load change hits both
-                    for overlap in runs:
+            rate = rates[name] = (layout_rate(args.rate, layout) if args.rate
+                                  else calibrated_rate(name, layout, cluster, args, data))
+            runs: dict[tuple[str, str], list[list[dict]]] = {
+                (link, setting): [] for link in ("unshaped", "shaped") for setting in _settings(args)}
+            for repeat in range(args.repeats):  # the settings alternate, so a load change hits them all
+                for setting in _settings(args):
+                    # unshaped first in one round, shaped first in the next: a drift hits both alike
+                    for link in ("unshaped", "shaped")[:: 1 if repeat % 2 == 0 else -1]:
+                        _link(cluster, link, rate, args.burst)
                         start = time.perf_counter()
-                        runs[overlap].append(run_layout(*layout, overlap, args.steps, data))
-                        print(f"  {name}, {link}, overlap={overlap}: {time.perf_counter() - start:.0f} s", flush=True)
-                for overlap, reps in runs.items():
-                    results[name, link, overlap] = [
-                        {k: statistics.median(rep[rank][k] for rep in reps) for k in reps[0][rank]}
-                        for rank in range(len(reps[0]))]
-            ShapedCluster().unshape()
-    report(results, args)
+                        replay = link == "shaped" and setting == "none"
+                        runs[link, setting].append(run_layout(*layout, setting, args.steps, data, replay))
+                        print(f"  {name}, {link}, overlap={setting}: {time.perf_counter() - start:.0f} s", flush=True)
+            for (link, setting), reps in runs.items():
+                results[name, link, setting] = [
+                    {k: statistics.median(rep[rank][k] for rep in reps) for k in reps[0][rank]}
+                    for rank in range(len(reps[0]))]
+            cluster.unshape()
+    report(results, rates, args)
+
+
+def calibrated_rate(name: str, layout: tuple[int, int, int, int], cluster, args, data: str) -> str:
+    """The link rate at which the plain step waits `args.share` of its time on the all-to-all, as
+    the issue of a benchmark of overlap asks (the wait about as long as the compute) on any machine:
+    the plain schedule once unshaped and once at a first guess (150 mbit/s for the 8-process layout,
+    scaled by the CPU share), and the guess scaled by how much longer the wait was than wanted. The
+    wait grows as the rate falls, nearly in proportion (a transfer's latency is small beside its
+    bytes here); the runs that follow print the share they had."""
+    guess = layout_rate("150mbit", layout)
+    loops = {}
+    for link in ("unshaped", "shaped"):
+        _link(cluster, link, guess, args.burst)
+        loops[link] = run_layout(*layout, "none", args.steps, data)
+    step = statistics.mean(r["step"] for r in loops["unshaped"])
+    wait = statistics.mean(s["loop"] - u["loop"] for s, u in zip(loops["shaped"], loops["unshaped"]))
+    wanted = args.share * step / (1 - args.share)  # the wait that is `share` of the shaped step
+    if wait <= 0:
+        raise SystemExit(f"{name}: the plain loop on links at {guess} took no longer than unshaped; "
+                         "the link cannot be calibrated (set --rate).")
+    rate = f"{rate_bytes(guess) * 8 * wait / wanted / 1e3:.0f}kbit"
+    print(f"  {name}: plain step {step:.3f} s unshaped, waited {wait:.3f} s at {guess}; "
+          f"links at {rate} for a wait of {args.share:.2f} of the step", flush=True)
+    return rate
+
+
+def _link(cluster, link: str, rate: str, burst: str) -> None:
+    if link == "shaped":
+        cluster.shape(rate, burst)
+    else:
+        cluster.unshape()
 
 
 def cpu_share(world: int) -> float:
@@ -230,24 +273,26 @@ def cpu_share(world: int) -> float:
 
 
 def layout_rate(rate: str, layout: tuple[int, int, int, int]) -> str:
-    """`rate` is the 8-process layout's link; ranks with a larger CPU share compute faster, and get a
+    """`rate` is the 8-process layout's link (`--rate`); ranks with a larger CPU share compute faster, and get a
     link faster by as much, so every layout's link keeps the same speed relative to its compute."""
     pp, _, ep, dp = layout
     return f"{rate_bytes(rate) * 8 * cpu_share(pp * ep * dp) / cpu_share(8) / 1e3:.0f}kbit"
 
 
-def report(results: dict, args) -> None:
+def report(results: dict, rates: dict[str, str], args) -> None:
     cores = os.cpu_count()
     print(f"\nk2_tiny (hidden 256, 8 MoE layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, "
           f"{MICRO} micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
-          f"rank given {cores}/ranks of the {cores} cores and its link shaped to {args.rate} x its share / the "
-          f"8-process layout's (htb burst {args.burst}; {LINKS[args.link]}); times in s.\n"
+          f"rank given {cores}/ranks of the {cores} cores and its own link (htb burst {args.burst}; {LINKS[args.link]}), "
+          + (f"shaped to {args.rate} x its CPU share / the 8-process layout's" if args.rate else
+             f"its rate calibrated so that the plain step waits {args.share:.2f} of its time")
+          + "; every setting run unshaped and shaped one after the other; times in s.\n"
           "loop: the micro-batches' forwards, backwards and exchanges; compute: the loop on the unshaped "
           "loopback; link: one step's all-to-alls replayed back to back on the shaped loopback with no compute; "
           "exposed: loop - compute; best: max(compute, link), the loop if every exchange hid under compute "
           "or the link never idled")
     for name in _chosen(args):
-        print(f"\n{name}, links at {layout_rate(args.rate, LAYOUTS[name])}")
+        print(f"\n{name}, links at {rates[name]}")
         print("  rank  overlap       step    loop    compute  link    exposed  best    loop/plain  exposed/plain  best/plain")
         plain = results[name, "shaped", "none"]
         # overlap on / off per rank, per setting with overlap on
@@ -275,7 +320,7 @@ def report(results: dict, args) -> None:
                 f"{key} {min(r):.2f}-{max(r):.2f}" for key, r in by_key.items()))
         unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
         link_s = max(r["comm"] for r in plain)
-        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(layout_rate(args.rate, LAYOUTS[name])), link_s)
+        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(rates[name]), link_s)
         for (link, overlap), planned_s in planned.items():
             measured = max(r["loop"] for r in results[name, "shaped", overlap])
             print(f"  plan (as built, compute calibrated, link at the {link} rate) overlap={overlap}: "
@@ -307,7 +352,7 @@ def outside(args) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
-                        "--rate", args.rate, "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
+                        *(["--rate", args.rate] if args.rate else []), "--share", str(args.share), "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
                         "--only", args.only, "--link", args.link, *(["--wgrad"] if args.wgrad else [])],
                        check=True, env=env)
     finally:
@@ -316,7 +361,10 @@ def outside(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", default="150mbit", help="link rate of every rank of the 8-process layout")
+    parser.add_argument("--rate", help="link rate of every rank of the 8-process layout (others scaled by their CPU "
+                        "share); by default each layout's rate is calibrated to --share")
+    parser.add_argument("--share", type=float, default=0.45,
+                        help="calibrated links: the share of the plain step spent waiting on the all-to-all")
     # Just above the loopback's 64 KiB packets: a larger bucket refills during compute and lets each
     # exchange's first bytes through at once, hiding part of the link time from the plain run.
     parser.add_argument("--burst", default="80kb", help="htb burst of every rank's link")
@@ -330,9 +378,12 @@ def main() -> None:
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
-        rate_bytes(args.rate)
+        if args.rate:
+            rate_bytes(args.rate)
     except ValueError as error:
         parser.error(str(error))
+    if not 0.05 <= args.share <= 0.8:
+        parser.error(f"--share {args.share}: expected a share of the plain step between 0.05 and 0.8.")
     if args.inside:
         inside(args)
     else:

@@ -94,8 +94,10 @@ class ShapedCluster:
 
     def shape(self, rate: str, burst: str) -> None:
         """Every rank's outgoing traffic at `rate` (a tc rate, e.g. 200mbit); the rest unshaped. Called
-        again, it changes the rate; `unshape` removes the shaping."""
-        lines = ["qdisc replace dev lo root handle 1: htb default 1",
+        again, it sets the new rate (htb cannot change its root in place, so it is made anew);
+        `unshape` removes the shaping."""
+        self.unshape()
+        lines = ["qdisc add dev lo root handle 1: htb default 1",
                  "class replace dev lo parent 1: classid 1:1 htb rate 100gbit quantum 200000"]
         for rank in range(MAX_RANKS):
             lines.append(f"class replace dev lo parent 1: classid 1:{_htb_minor(rank):x} htb rate {rate} burst {burst} "
