@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 NAMESPACE = "k2bench-overlap"
@@ -117,12 +119,15 @@ class ShapedCluster:
                        capture_output=True)
 
     def remove(self) -> None:
-        """Everything `create` made, whatever exists of it; the ranks must have exited."""
+        """Everything `create` made, whatever exists of it. Ranks still in its cgroups (a killed
+        benchmark's, whose process server outlived it) are killed first: a cgroup with a process
+        in it cannot be removed."""
         subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)
         for mount in (CPU, NET_CLS):
             group = mount / NAMESPACE
             if group.is_dir():
                 for child in group.glob("rank*"):
+                    _kill_members(child)
                     child.rmdir()
                 group.rmdir()
             if mount.is_mount():
@@ -131,6 +136,21 @@ class ShapedCluster:
                 mount.rmdir()
         if RUN.is_dir():
             RUN.rmdir()
+
+
+def _kill_members(group: Path) -> None:
+    """Kill every process in the cgroup `group` and wait (up to 10 s) until it is empty."""
+    for _ in range(100):
+        pids = [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{group}: processes {pids} are still in the benchmark's cgroup after SIGKILL.")
 
 
 def rate_bits(rate: str) -> int:
