@@ -67,8 +67,10 @@ LAYOUTS = {"pp2xvp2xep2xdp2 (8 processes)": (2, 2, 2, 2), "pp2xep2 (4 processes)
 
 
 def measure(payload: dict) -> dict:
-    """On one rank: take the steps and time each step and its micro-batch loop."""
+    """On one rank: take the steps and time each step and its micro-batch loop (and with `waits`,
+    where the rank waits, over the steps after the first)."""
     from multiproc import tiny_rank
+    from overlap_probes import WaitRecorder, exchanges_alone
     from shaped_cluster import join
 
     join(int(os.environ["RANK"]), payload["cpu_share"])
@@ -84,8 +86,13 @@ def measure(payload: dict) -> dict:
         return out
 
     setattr(runner, name, timed_loop)
+    waits = WaitRecorder(state.collectives, runner.turns) if payload["waits"] else None
+    if waits is not None:
+        waits.install()
     step_times = []
-    for _ in range(payload["steps"]):
+    for step in range(payload["steps"]):
+        if step == 1 and waits is not None:
+            waits.reset()
         torch_barrier()
         start = time.perf_counter()
         result = runner.forward_backward()
@@ -96,38 +103,10 @@ def measure(payload: dict) -> dict:
     torch_barrier()
     import torch.distributed as dist
 
-    comm = exchanges_alone(runner, state.collectives) if payload["replay"] else 0.0
+    waited = waits.per_step(payload["steps"] - 1) if waits is not None else {}
+    comm = exchanges_alone(runner, state.collectives, torch_barrier) if payload["replay"] else 0.0
     dist.destroy_process_group()
-    return dict(loop=statistics.median(loop_times[1:]), step=statistics.median(step_times[1:]), comm=comm)
-
-
-def exchanges_alone(runner, collectives) -> float:
-    """The time the link needs for one step's all-to-alls with no compute between them: record every
-    exchange of one more step (shapes, splits, group) as it passes the rank's collectives, then
-    replay them back to back."""
-    import torch
-    import torch.distributed as dist
-
-    recorded, exchange = [], collectives.all_to_all_single
-
-    def recording(out, inp, out_splits, in_splits, group=None, async_op=False):
-        recorded.append((out.shape, inp.shape, out.dtype, out_splits, in_splits, group))
-        return exchange(out, inp, out_splits, in_splits, group=group, async_op=async_op)
-
-    collectives.all_to_all_single = recording  # this object only, for one step
-    try:
-        runner.forward_backward()
-    finally:
-        del collectives.all_to_all_single
-    buffers = [(torch.zeros(o, dtype=d), torch.zeros(i, dtype=d), os_, is_, g) for o, i, d, os_, is_, g in recorded]
-    times = []
-    for _ in range(3):
-        torch_barrier()
-        start = time.perf_counter()
-        for out, inp, out_splits, in_splits, group in buffers:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return dict(loop=statistics.median(loop_times[1:]), step=statistics.median(step_times[1:]), comm=comm, **waited)
 
 
 def torch_barrier() -> None:
@@ -142,14 +121,16 @@ def layout_overrides(pp: int, vp: int, ep: int, dp: int, setting: str) -> list[s
             f"parallel.ep={ep}", f"parallel.dp={dp}", *SETTINGS[setting]]
 
 
-def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str, replay: bool = False) -> list[dict]:
-    """Every rank's timings; `replay`: also the link time of one step's all-to-alls alone."""
+def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str, replay: bool = False,
+               waits: bool = False) -> list[dict]:
+    """Every rank's timings; `replay`: also the link time of one step's all-to-alls alone; `waits`:
+    also where it waited."""
     from multiproc import run_world
 
     world = pp * ep * dp
     return run_world(world, "cpu_overlap:measure",
                      dict(overrides=layout_overrides(pp, vp, ep, dp, overlap), data=data, steps=steps,
-                          replay=replay, cpu_share=cpu_share(world)), timeout=900)
+                          replay=replay, waits=waits, cpu_share=cpu_share(world)), timeout=900)
 
 
 def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rate_bytes_s: float,
@@ -226,7 +207,7 @@ def inside(args) -> None:
                         _link(cluster, link, rate, args.burst)
                         start = time.perf_counter()
                         replay = link == "shaped" and setting == "none"
-                        runs[link, setting].append(run_layout(*layout, setting, args.steps, data, replay))
+                        runs[link, setting].append(run_layout(*layout, setting, args.steps, data, replay, args.waits))
                         print(f"  {name}, {link}, overlap={setting}: {time.perf_counter() - start:.0f} s", flush=True)
             for (link, setting), reps in runs.items():
                 results[name, link, setting] = [
@@ -237,12 +218,12 @@ def inside(args) -> None:
 
 
 def calibrated_rate(name: str, layout: tuple[int, int, int, int], cluster, args, data: str) -> str:
-    """The link rate at which the plain step waits `args.share` of its time on the all-to-all, as
-    the issue of a benchmark of overlap asks (the wait about as long as the compute) on any machine:
-    the plain schedule once unshaped and once at a first guess (150 mbit/s for the 8-process layout,
-    scaled by the CPU share), and the guess scaled by how much longer the wait was than wanted. The
-    wait grows as the rate falls, nearly in proportion (a transfer's latency is small beside its
-    bytes here); the runs that follow print the share they had."""
+    """The link rate at which the plain step waits `args.share` of its time on the all-to-all (the
+    exchanges about as long as the compute), whatever this machine's speed and load: the plain
+    schedule once unshaped and once at a first guess (150 mbit/s for the 8-process layout, scaled by
+    the CPU share), and the guess scaled by how much longer the wait was than wanted. The wait grows
+    as the rate falls, nearly in proportion (a transfer's latency is small beside its bytes here);
+    the runs that follow print the share they had."""
     guess = layout_rate("150mbit", layout)
     loops = {}
     for link in ("unshaped", "shaped"):
@@ -329,6 +310,11 @@ def report(results: dict, rates: dict[str, str], args) -> None:
         print("  plan's exposed on / off: " + ", ".join(
             f"{(planned[link, 'ep'] - unshaped) / (planned[link, 'none'] - unshaped):.2f} at the {link} rate"
             for link in ("shaped", "replayed")))
+        if args.waits:
+            from overlap_probes import report_waits
+
+            report_waits({setting: (results[name, "unshaped", setting], results[name, "shaped", setting])
+                          for setting in _settings(args)})
 
 
 def _settings(args) -> tuple[str, ...]:
@@ -352,8 +338,10 @@ def outside(args) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
-                        *(["--rate", args.rate] if args.rate else []), "--share", str(args.share), "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
-                        "--only", args.only, "--link", args.link, *(["--wgrad"] if args.wgrad else [])],
+                        *(["--rate", args.rate] if args.rate else []), "--share", str(args.share),
+                        "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
+                        "--only", args.only, "--link", args.link, *(["--wgrad"] if args.wgrad else []),
+                        *(["--waits"] if args.waits else [])],
                        check=True, env=env)
     finally:
         cluster.remove()
@@ -373,6 +361,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
+    parser.add_argument("--waits", action="store_true",
+                        help="also time where every rank waits: each kind of exchange, and pipeline inputs")
     parser.add_argument("--wgrad", action="store_true",
                         help="also run overlap with the experts' weight gradients in place (parallel.delay_wgrad=false)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)

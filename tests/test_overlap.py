@@ -71,15 +71,17 @@ def test_a_task_whose_input_is_still_on_the_wire_lets_the_other_run_first():
 
     def forward():
         turns.wait_for([late])
-        log.append("F")
+        log.append(("F", turns.paired()))
 
     def backward():
         turns.wait_for([ready])  # already here: keeps the turn
-        log.append("B")
+        log.append(("B", turns.paired()))
 
+    assert not turns.paired()
     turns.run_pair(forward, backward)
-    assert log == ["B", "F"] and late.waited and ready.waited
-    assert turns.hand_overs == 1
+    # the backward ran while the forward waited; the forward then ran with its pair ended
+    assert log == [("B", True), ("F", False)] and late.waited and ready.waited
+    assert turns.hand_overs == 1 and not turns.paired()
     turns.close()
 
 

@@ -105,6 +105,12 @@ class Turns:
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._holder == me)
 
+    def paired(self) -> bool:
+        """Whether the task holding the turn is in a pair whose other task is still running (a
+        forward of the warm-up, a backward of the cool-down, or the tail of a pair's longer task: not)."""
+        with self._cond:
+            return self._holder is not None and self._live[1 - self._holder]
+
     def wait_for(self, works: Sequence[Any]) -> None:
         """Wait for `works` (a task's pipeline receives); while they are still pending, the other
         task takes a turn first, so that neither computes nor waits behind the other's input."""
