@@ -52,17 +52,12 @@ class WaitRecorder:
 
         self.collectives.all_to_all_single = timed
         if self.turns is not None:
-            turns = self.turns
+            wait_for = self.turns.wait_for  # its own logic, each input's wait timed
 
-            def wait_for(works):  # Turns.wait_for, with the wait after the other task's turn timed
-                if not all(work.is_completed() for work in works):
-                    turns.hand_over()
-                start = time.perf_counter()
-                for work in works:
-                    work.wait()
-                self._add(PIPELINE, time.perf_counter() - start)
+            def timed_inputs(works):
+                wait_for([_TimedWork(work, lambda seconds: self._add(PIPELINE, seconds)) for work in works])
 
-            turns.wait_for = wait_for
+            self.turns.wait_for = timed_inputs
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(wait_keys(), 0.0)

@@ -31,7 +31,7 @@ from k2train.model import K2Model
 from parallel.experts import apply_expert_parallel
 from parallel.pipeline.overlap import Turns, backward_expert_group, check_overlap
 from parallel.pipeline.split import choose_split
-from parallel.pipeline.stages import StageModule, build_schedule, build_stage_models
+from parallel.pipeline.stages import PAIRED, StageModule, build_schedule, build_stage_models
 from parallel.plan.cost import device_hardware
 from parallel.plan.planner import budgeted_offload
 from parallel.state import ParallelState
@@ -125,7 +125,7 @@ def _apply_experts(parts: list[K2Model], state: ParallelState, cfg: JobConfig) -
     layout = state.layout
     check_overlap(cfg.parallel.overlap, layout.ep)
     # A zero-bubble pipeline's paired input passes compute no weight gradients: nothing to defer.
-    split_backward = cfg.parallel.schedule == "interleaved_zero_bubble" and layout.pp > 1
+    split_backward = PAIRED[cfg.parallel.schedule].split_backward and layout.pp > 1
     turns = Turns(cfg.parallel.delay_wgrad and not split_backward) if cfg.parallel.overlap != "none" else None
     backward_group = backward_expert_group(state) if turns is not None else None
     for part in parts:
