@@ -115,13 +115,13 @@ def torch_barrier() -> None:
     dist.barrier()
 
 
-def layout_overrides(pp: int, vp: int, ep: int, dp: int, setting: str) -> list[str]:
-    tokens = 128 * 2 * MICRO * dp * ep  # every EP rank reads its own micro-batches
+def layout_overrides(pp: int, vp: int, ep: int, dp: int, setting: str, micro: int = MICRO) -> list[str]:
+    tokens = 128 * 2 * micro * dp * ep  # every EP rank reads its own micro-batches
     return [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
             f"parallel.ep={ep}", f"parallel.dp={dp}", *SETTINGS[setting]]
 
 
-def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str, replay: bool = False,
+def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, data: str, micro: int, replay: bool = False,
                waits: bool = False) -> list[dict]:
     """Every rank's timings; `replay`: also the link time of one step's all-to-alls alone; `waits`:
     also where it waited."""
@@ -129,12 +129,12 @@ def run_layout(pp: int, vp: int, ep: int, dp: int, overlap: str, steps: int, dat
 
     world = pp * ep * dp
     return run_world(world, "cpu_overlap:measure",
-                     dict(overrides=layout_overrides(pp, vp, ep, dp, overlap), data=data, steps=steps,
+                     dict(overrides=layout_overrides(pp, vp, ep, dp, overlap, micro), data=data, steps=steps,
                           replay=replay, waits=waits, cpu_share=cpu_share(world)), timeout=900)
 
 
 def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rate_bytes_s: float,
-                  link_s: float) -> dict[tuple[str, str], float]:
+                  link_s: float, micro: int) -> dict[tuple[str, str], float]:
     """`k2train plan`'s schedule time (as built, without the update after it) for this layout, overlap
     off and on, calibrated to this machine, keyed by (link, overlap). Compute: the rate chosen so
     that the plan's unshaped schedule (compute and bubble, no link time) equals the measured plain
@@ -151,7 +151,7 @@ def planned_loops(layout: tuple[int, int, int, int], unshaped_loop_s: float, rat
     pp, vp, ep, dp = layout
 
     def plan(overlap: str, hw):
-        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", layout_overrides(pp, vp, ep, dp, overlap))
+        cfg = load_config(ROOT / "configs" / "k2_tiny.yaml", layout_overrides(pp, vp, ep, dp, overlap, micro))
         lay = make_layout(pp * ep * dp, cfg.parallel, num_layers=cfg.model.num_layers,
                           num_experts=cfg.model.num_experts, micro_batches=None)
         return make_plan(cfg, lay, hw)
@@ -207,7 +207,7 @@ def inside(args) -> None:
                         _link(cluster, link, rate, args.burst)
                         start = time.perf_counter()
                         replay = link == "shaped" and setting == "none"
-                        runs[link, setting].append(run_layout(*layout, setting, args.steps, data, replay, args.waits))
+                        runs[link, setting].append(run_layout(*layout, setting, args.steps, data, args.micro, replay, args.waits))
                         print(f"  {name}, {link}, overlap={setting}: {time.perf_counter() - start:.0f} s", flush=True)
             for (link, setting), reps in runs.items():
                 results[name, link, setting] = [
@@ -228,7 +228,7 @@ def calibrated_rate(name: str, layout: tuple[int, int, int, int], cluster, args,
     loops = {}
     for link in ("unshaped", "shaped"):
         _link(cluster, link, guess, args.burst)
-        loops[link] = run_layout(*layout, "none", args.steps, data)
+        loops[link] = run_layout(*layout, "none", args.steps, data, args.micro)
     step = statistics.mean(r["step"] for r in loops["unshaped"])
     wait = statistics.mean(s["loop"] - u["loop"] for s, u in zip(loops["shaped"], loops["unshaped"]))
     wanted = args.share * step / (1 - args.share)  # the wait that is `share` of the shaped step
@@ -263,7 +263,7 @@ def layout_rate(rate: str, layout: tuple[int, int, int, int]) -> str:
 def report(results: dict, rates: dict[str, str], args) -> None:
     cores = os.cpu_count()
     print(f"\nk2_tiny (hidden 256, 8 MoE layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, "
-          f"{MICRO} micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
+          f"{args.micro} micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
           f"rank given {cores}/ranks of the {cores} cores and its own link (htb burst {args.burst}; {LINKS[args.link]}), "
           + (f"shaped to {args.rate} x its CPU share / the 8-process layout's" if args.rate else
              f"its rate calibrated so that the plain step waits {args.share:.2f} of its time")
@@ -301,7 +301,7 @@ def report(results: dict, rates: dict[str, str], args) -> None:
                 f"{key} {min(r):.2f}-{max(r):.2f}" for key, r in by_key.items()))
         unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
         link_s = max(r["comm"] for r in plain)
-        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(rates[name]), link_s)
+        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(rates[name]), link_s, args.micro)
         for (link, overlap), planned_s in planned.items():
             measured = max(r["loop"] for r in results[name, "shaped", overlap])
             print(f"  plan (as built, compute calibrated, link at the {link} rate) overlap={overlap}: "
@@ -339,7 +339,7 @@ def outside(args) -> None:
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
                         *(["--rate", args.rate] if args.rate else []), "--share", str(args.share),
-                        "--burst", args.burst, "--steps", str(args.steps), "--repeats", str(args.repeats),
+                        "--burst", args.burst, "--steps", str(args.steps), "--micro", str(args.micro), "--repeats", str(args.repeats),
                         "--only", args.only, "--link", args.link, *(["--wgrad"] if args.wgrad else []),
                         *(["--waits"] if args.waits else [])],
                        check=True, env=env)
@@ -359,6 +359,7 @@ def main() -> None:
     parser.add_argument("--link", choices=("fifo", "fair"), default="fifo",
                         help="how a rank's link serves its connections: one queue in order, or each its share in turn")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=MICRO, help="micro-batches per rank and step")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
     parser.add_argument("--waits", action="store_true",

@@ -126,7 +126,9 @@ def _apply_experts(parts: list[K2Model], state: ParallelState, cfg: JobConfig) -
     check_overlap(cfg.parallel.overlap, layout.ep)
     # A zero-bubble pipeline's paired input passes compute no weight gradients: nothing to defer.
     split_backward = PAIRED[cfg.parallel.schedule].split_backward and layout.pp > 1
-    turns = Turns(cfg.parallel.delay_wgrad and not split_backward) if cfg.parallel.overlap != "none" else None
+    # gloo's pipeline receives report completion only once waited on: watched (overlap.Watched).
+    turns = (Turns(cfg.parallel.delay_wgrad and not split_backward, watch_receives=state.device.type == "cpu")
+             if cfg.parallel.overlap != "none" else None)
     backward_group = backward_expert_group(state) if turns is not None else None
     for part in parts:
         apply_expert_parallel(part, state.expert_group, state.coords.ep, layout.ep, backward_group, turns,

@@ -5,6 +5,8 @@ max logits, expert loads and reduced gradients (backwards keep their order, so e
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -82,6 +84,66 @@ def test_a_task_whose_input_is_still_on_the_wire_lets_the_other_run_first():
     # the backward ran while the forward waited; the forward then ran with its pair ended
     assert log == [("B", True), ("F", False)] and late.waited and ready.waited
     assert turns.hand_overs == 1 and not turns.paired()
+    turns.close()
+
+
+class GlooReceive:
+    """A posted receive as gloo's work behaves: it reports completion only once waited on."""
+
+    def __init__(self, arrived: bool, error: Exception | None = None):
+        self.arrived, self.error, self.waited = threading.Event(), error, False
+        if arrived:
+            self.arrived.set()
+
+    def is_completed(self):
+        return self.waited
+
+    def wait(self):
+        self.arrived.wait()
+        if self.error is not None:
+            raise self.error
+        self.waited = True
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watched", "unwatched"])
+def test_a_receive_that_has_arrived_keeps_the_turn_only_when_watched(watch):
+    turns, log = Turns(watch_receives=watch), []
+    receive = turns.watch([GlooReceive(arrived=True)])
+
+    def forward():
+        turns.hand_over()  # its exchange issued
+        log.append("F")
+
+    def backward():
+        turns.wait_for(receive)
+        log.append("B")
+
+    turns.run_pair(forward, backward)
+    # watched, the backward sees its input is there and computes under the forward's exchange;
+    # unwatched, gloo's answer sends the turn straight back to the forward, which waits uncovered
+    assert (log, turns.hand_overs) == ((["B", "F"], 1) if watch else (["F", "B"], 2))
+    turns.close()
+
+
+def test_a_watched_receive_still_on_the_wire_hands_the_turn_over_and_raises_its_error():
+    turns = Turns(watch_receives=True)
+    pending = GlooReceive(arrived=False)
+    receive = turns.watch([pending])
+    log = []
+
+    def forward():
+        log.append("F")
+        pending.arrived.set()  # arrives while the other task computes
+
+    def backward():
+        turns.wait_for(receive)
+        log.append("B")
+
+    turns.run_pair(backward, forward)
+    assert log == ["F", "B"] and turns.hand_overs == 1 and pending.waited
+    failed = turns.watch([GlooReceive(arrived=True, error=RuntimeError("peer gone"))])
+    with pytest.raises(RuntimeError, match="peer gone"):
+        turns.run_pair(lambda: turns.wait_for(failed), lambda: None)
     turns.close()
 
 

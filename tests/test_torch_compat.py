@@ -104,7 +104,7 @@ def run_schedules(payload: dict) -> dict:
     rank, results = dist.get_rank(), {}
     x, target = toy_batch()
     for name in SCHEDULES:
-        layers, log, turns = toy_layers(), ReceiveBufferLog(), Turns()
+        layers, log, turns = toy_layers(), ReceiveBufferLog(), Turns(watch_receives=True)
         stages = [LeanReceiveStage(ToyStage(layers[s]), s, PP * VP, torch.device("cpu"), log=log,
                                    input_args=(torch.empty(ROWS, WIDTH, device="meta", requires_grad=s > 0),),
                                    output_args=(torch.empty(ROWS, WIDTH, device="meta", requires_grad=True),))

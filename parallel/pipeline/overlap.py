@@ -15,7 +15,9 @@ handing over there would set the other task's long segment beside it and the big
 short ones). So one task's all-to-all is on the wire
 while the other computes, and nothing runs concurrently on the host: no two threads compete for
 the GIL or the cores. In a pipeline, each task also waits for its own received input where it
-starts (`Turns.wait_for`): while that input is still on the wire, the other task takes the turn.
+starts (`Turns.wait_for`): while that input is still on the wire, the other task takes the turn
+(on gloo, whose receives report completion only once waited on, each is waited on by a thread of
+its own from the pair's start, `Watched`, so that the question has an answer).
 Free-running threads were measured slower than no overlap on gloo; taking turns is what the
 DualPipe-style schedules do by hand, here without splitting the model's code into phases.
 
@@ -84,10 +86,13 @@ def backward_expert_group(state: ParallelState) -> Any:
 class Turns:
     """Two tasks of one rank taking turns: exactly one runs; `hand_over` gives the turn to the other
     and waits until it comes back. Outside a pair, or once the other task has ended, it returns at once.
-    `delay_wgrad` (parallel.delay_wgrad): the backward defers its experts' weight gradients to its exchanges."""
+    `delay_wgrad` (parallel.delay_wgrad): the backward defers its experts' weight gradients to its exchanges.
+    `watch_receives` (gloo): a pair's pipeline receives are `watch`ed, so `wait_for` can tell whether
+    they have arrived."""
 
-    def __init__(self, delay_wgrad: bool = True):
+    def __init__(self, delay_wgrad: bool = True, watch_receives: bool = False):
         self.delay_wgrad = delay_wgrad
+        self.watch_receives = watch_receives
         self._cond = threading.Condition()
         self._holder: int | None = None
         self._live = [False, False]
@@ -110,6 +115,11 @@ class Turns:
         forward of the warm-up, a backward of the cool-down, or the tail of a pair's longer task: not)."""
         with self._cond:
             return self._holder is not None and self._live[1 - self._holder]
+
+    def watch(self, works: Sequence[Any]) -> list[Any]:
+        """A pair's pipeline receives, as `wait_for` will be given them: with `watch_receives`, each
+        waited on in a thread of its own from now on (`Watched`)."""
+        return [Watched(work) for work in works] if self.watch_receives else list(works)
 
     def wait_for(self, works: Sequence[Any]) -> None:
         """Wait for `works` (a task's pipeline receives); while they are still pending, the other
@@ -145,6 +155,39 @@ class Turns:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class Watched:
+    """A pipeline receive waited on in a thread of its own from the start of its pair, so that a task
+    can ask whether it has arrived without waiting for it. gloo's send and receive works report
+    completion only once waited on (`is_completed` is False until then, however long ago the bytes
+    came), so `Turns.wait_for` would hand the turn over at every input, and the other task, its own
+    exchange just issued, would wait on it with nothing to cover it. NCCL's works answer from their
+    CUDA event and are not watched: waiting there orders the caller's stream, which must be the
+    task's own."""
+
+    SETTLE_S = 0.001  # what its thread may need to return from a receive that has already arrived
+
+    def __init__(self, work: Any):
+        self._arrived = threading.Event()
+        self._error: BaseException | None = None
+        threading.Thread(target=self._wait, args=(work,), name="k2train-receive", daemon=True).start()
+
+    def _wait(self, work: Any) -> None:
+        try:
+            work.wait()
+        except BaseException as error:  # raised where the task waits (`wait`)
+            self._error = error
+        finally:
+            self._arrived.set()
+
+    def is_completed(self) -> bool:
+        return self._arrived.wait(self.SETTLE_S)
+
+    def wait(self) -> None:
+        self._arrived.wait()
+        if self._error is not None:
+            raise self._error
 
 
 def _deferring(backward: Callable[[], None]) -> Callable[[], None]:

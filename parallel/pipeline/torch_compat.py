@@ -292,8 +292,8 @@ def overlap_forward_backward(turns):
         # stages on one rank when pp > 1, so every input comes over the pipeline group); while one
         # is still on the wire, the other task takes its turn (Turns.wait_for). The runtime keeps a
         # posted receive as its list of dist.Work.
-        f_recv = [] if f_stage.is_first else schedule.fwd_recv_ops.pop((forward.stage_index, f_mb))
-        b_recv = [] if b_stage.is_last else schedule.bwd_recv_ops.pop((backward.stage_index, b_mb))
+        f_recv = turns.watch([] if f_stage.is_first else schedule.fwd_recv_ops.pop((forward.stage_index, f_mb)))
+        b_recv = turns.watch([] if b_stage.is_last else schedule.bwd_recv_ops.pop((backward.stage_index, b_mb)))
 
         def run_forward() -> None:
             turns.wait_for(f_recv)
