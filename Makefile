@@ -99,11 +99,11 @@ bench-split: install
 # Each layout's link rate is calibrated so the plain step waits SHARE=0.45 of its time on the
 # all-to-all, unless RATE=150mbit fixes the 8-process layout's (the others scaled by CPU share);
 # WGRAD=1 also runs overlap with parallel.delay_wgrad=false; WAITS=1 also prints where every rank
-# waits (each kind of exchange, pipeline inputs). About an hour on 2 cores, an hour and a half with
-# WGRAD=1.
+# waits (each kind of exchange, pipeline inputs). MICRO=16 sets every layout's micro-batches per rank
+# (default 16, the 8-process layout 32). About an hour and a quarter on 2 cores, more with WGRAD=1.
 bench-overlap: install
 	$(BIN)/python benchmarks/cpu_overlap.py $(if $(RATE),--rate $(RATE)) $(if $(SHARE),--share $(SHARE)) \
-	    $(if $(WGRAD),--wgrad) $(if $(WAITS),--waits)
+	    $(if $(WGRAD),--wgrad) $(if $(WAITS),--waits) $(if $(MICRO),--micro $(MICRO))
 
 # memory.optimizer_offload: an owner's update with its states on the device vs streamed from host
 # memory (step time, bytes by place, how much of the copying the update hides; not a test).

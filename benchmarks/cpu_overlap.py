@@ -52,11 +52,15 @@ QUIET = ["logging.wandb=false", "logging.progress_bar=false", "logging.plots=fal
 SIZES = ["optimizer.ns_dtype=float32", "data.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens={tokens}",
          "model.hidden_size=256", "model.moe_intermediate_size=256",
          "model.num_layers=8", "model.first_dense_layers=0", "model.experts_per_token=4"]
-# Micro-batches per rank and step: warm-up forwards and cool-down backwards run unpaired, so a long
-# steady state. 24 were no better in a trial run and make every run half as long again; 32 of half
-# the size were worse: the overlap's cost per micro-batch grew and the link's share of the plain
-# step fell below 0.40.
+# Micro-batches per rank and step (`--micro` sets every layout's). Warm-up forwards and cool-down
+# backwards run unpaired, so a long steady state; an interleaved pipeline has the longest warm-up:
+# on pipeline rank 0 of PP2xV2, 5 forwards and 5 backwards of its 2 x 2 x micro-batches operations.
+# At 16 those were 10 of 64 and about half of what overlap left exposed there (`--waits`); at 32,
+# 10 of 128. K2's steps hold far more micro-batches than pipeline stages (the warm-up's share is
+# smaller still). 32 micro-batches of half the size were worse: the overlap's cost per micro-batch
+# grew and the link's share of the plain step fell below 0.40.
 MICRO = 16
+LAYOUT_MICRO = {"pp2xvp2xep2xdp2 (8 processes)": 32}
 # What each setting adds to the layout's config: overlap off, on, and on with the experts' weight
 # gradients computed in place rather than under the backward's exchange (`--wgrad`).
 SETTINGS = {"none": ["parallel.overlap=none"], "ep": ["parallel.overlap=ep"],
@@ -115,7 +119,7 @@ def torch_barrier() -> None:
     dist.barrier()
 
 
-def layout_overrides(pp: int, vp: int, ep: int, dp: int, setting: str, micro: int = MICRO) -> list[str]:
+def layout_overrides(pp: int, vp: int, ep: int, dp: int, setting: str, micro: int) -> list[str]:
     tokens = 128 * 2 * micro * dp * ep  # every EP rank reads its own micro-batches
     return [*QUIET, *[s.format(tokens=tokens) for s in SIZES], f"parallel.pp={pp}", f"parallel.vp={vp}",
             f"parallel.ep={ep}", f"parallel.dp={dp}", *SETTINGS[setting]]
@@ -196,8 +200,9 @@ def inside(args) -> None:
         results: dict[tuple[str, str, str], list[dict]] = {}
         rates: dict[str, str] = {}
         for name, layout in _chosen(args).items():
+            micro = micro_batches(name, args)
             rate = rates[name] = (layout_rate(args.rate, layout) if args.rate
-                                  else calibrated_rate(name, layout, cluster, args, data))
+                                  else calibrated_rate(name, layout, cluster, args, data, micro))
             runs: dict[tuple[str, str], list[list[dict]]] = {
                 (link, setting): [] for link in ("unshaped", "shaped") for setting in _settings(args)}
             for repeat in range(args.repeats):  # the settings alternate, so a load change hits them all
@@ -207,7 +212,7 @@ def inside(args) -> None:
                         _link(cluster, link, rate, args.burst)
                         start = time.perf_counter()
                         replay = link == "shaped" and setting == "none"
-                        runs[link, setting].append(run_layout(*layout, setting, args.steps, data, args.micro, replay, args.waits))
+                        runs[link, setting].append(run_layout(*layout, setting, args.steps, data, micro, replay, args.waits))
                         print(f"  {name}, {link}, overlap={setting}: {time.perf_counter() - start:.0f} s", flush=True)
             for (link, setting), reps in runs.items():
                 results[name, link, setting] = [
@@ -217,7 +222,7 @@ def inside(args) -> None:
     report(results, rates, args)
 
 
-def calibrated_rate(name: str, layout: tuple[int, int, int, int], cluster, args, data: str) -> str:
+def calibrated_rate(name: str, layout: tuple[int, int, int, int], cluster, args, data: str, micro: int) -> str:
     """The link rate at which the plain step waits `args.share` of its time on the all-to-all (the
     exchanges about as long as the compute), whatever this machine's speed and load: the plain
     schedule once unshaped and once at a first guess (150 mbit/s for the 8-process layout, scaled by
@@ -228,7 +233,7 @@ def calibrated_rate(name: str, layout: tuple[int, int, int, int], cluster, args,
     loops = {}
     for link in ("unshaped", "shaped"):
         _link(cluster, link, guess, args.burst)
-        loops[link] = run_layout(*layout, "none", args.steps, data, args.micro)
+        loops[link] = run_layout(*layout, "none", args.steps, data, micro)
     step = statistics.mean(r["step"] for r in loops["unshaped"])
     wait = statistics.mean(s["loop"] - u["loop"] for s, u in zip(loops["shaped"], loops["unshaped"]))
     wanted = args.share * step / (1 - args.share)  # the wait that is `share` of the shaped step
@@ -239,6 +244,10 @@ def calibrated_rate(name: str, layout: tuple[int, int, int, int], cluster, args,
     print(f"  {name}: plain step {step:.3f} s unshaped, waited {wait:.3f} s at {guess}; "
           f"links at {rate} for a wait of {args.share:.2f} of the step", flush=True)
     return rate
+
+
+def micro_batches(name: str, args) -> int:
+    return args.micro or LAYOUT_MICRO.get(name, MICRO)
 
 
 def _link(cluster, link: str, rate: str, burst: str) -> None:
@@ -263,7 +272,7 @@ def layout_rate(rate: str, layout: tuple[int, int, int, int]) -> str:
 def report(results: dict, rates: dict[str, str], args) -> None:
     cores = os.cpu_count()
     print(f"\nk2_tiny (hidden 256, 8 MoE layers, 4 of 8 experts per token), seq 128 x 2 per micro-batch, "
-          f"{args.micro} micro-batches per rank, {args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
+          f"{args.steps} steps (median of steps 2+, then of {args.repeats} runs), every "
           f"rank given {cores}/ranks of the {cores} cores and its own link (htb burst {args.burst}; {LINKS[args.link]}), "
           + (f"shaped to {args.rate} x its CPU share / the 8-process layout's" if args.rate else
              f"its rate calibrated so that the plain step waits {args.share:.2f} of its time")
@@ -273,7 +282,7 @@ def report(results: dict, rates: dict[str, str], args) -> None:
           "exposed: loop - compute; best: max(compute, link), the loop if every exchange hid under compute "
           "or the link never idled")
     for name in _chosen(args):
-        print(f"\n{name}, links at {rates[name]}")
+        print(f"\n{name}, {micro_batches(name, args)} micro-batches per rank, links at {rates[name]}")
         print("  rank  overlap       step    loop    compute  link    exposed  best    loop/plain  exposed/plain  best/plain")
         plain = results[name, "shaped", "none"]
         # overlap on / off per rank, per setting with overlap on
@@ -301,7 +310,7 @@ def report(results: dict, rates: dict[str, str], args) -> None:
                 f"{key} {min(r):.2f}-{max(r):.2f}" for key, r in by_key.items()))
         unshaped = max(r["loop"] for r in results[name, "unshaped", "none"])
         link_s = max(r["comm"] for r in plain)
-        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(rates[name]), link_s, args.micro)
+        planned = planned_loops(LAYOUTS[name], unshaped, rate_bytes(rates[name]), link_s, micro_batches(name, args))
         for (link, overlap), planned_s in planned.items():
             measured = max(r["loop"] for r in results[name, "shaped", overlap])
             print(f"  plan (as built, compute calibrated, link at the {link} rate) overlap={overlap}: "
@@ -339,7 +348,7 @@ def outside(args) -> None:
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
                         *(["--rate", args.rate] if args.rate else []), "--share", str(args.share),
-                        "--burst", args.burst, "--steps", str(args.steps), "--micro", str(args.micro), "--repeats", str(args.repeats),
+                        "--burst", args.burst, "--steps", str(args.steps), "--micro", str(args.micro or 0), "--repeats", str(args.repeats),
                         "--only", args.only, "--link", args.link, *(["--wgrad"] if args.wgrad else []),
                         *(["--waits"] if args.waits else [])],
                        check=True, env=env)
@@ -359,7 +368,8 @@ def main() -> None:
     parser.add_argument("--link", choices=("fifo", "fair"), default="fifo",
                         help="how a rank's link serves its connections: one queue in order, or each its share in turn")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--micro", type=int, default=MICRO, help="micro-batches per rank and step")
+    parser.add_argument("--micro", type=int, default=0,
+                        help=f"micro-batches per rank and step of every layout (default: {MICRO}, the 8-process one 32)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
     parser.add_argument("--waits", action="store_true",
