@@ -95,10 +95,18 @@ def report_waits(runs: dict[str, tuple[list[dict], list[dict]]]) -> None:
     print("  where the ranks waited, s per step, shaped - unshaped (columns: "
           + "; ".join(f"{i + 1} {key}" for i, key in enumerate(keys)) + ")")
     print("  setting       rank  " + "".join(f"{i + 1:>7d}" for i in range(len(keys))) + "    sum")
+    sums = {}
     for setting, (unshaped, shaped) in runs.items():
         for rank, (u, s) in enumerate(zip(unshaped, shaped)):
             more = [s[f"wait: {key}"] - u[f"wait: {key}"] for key in keys]
+            sums[setting, rank] = sum(more)
             print(f"  {setting:12s}  {rank:4d}  " + "".join(f"{x:7.2f}" for x in more) + f"  {sum(more):5.2f}")
+    # The waits themselves, beside "exposed" (loop - compute): that one also moves with how much
+    # longer or shorter a setting's loop is on unshaped links than the plain one's.
+    for setting in runs:
+        if setting != "none":
+            ratios = [sums[setting, rank] / sums["none", rank] for rank in range(len(runs[setting][0]))]
+            print(f"  waited, {setting} / none, range over the ranks: {min(ratios):.2f}-{max(ratios):.2f}")
 
 
 class _TimedWork:

@@ -6,6 +6,7 @@ max logits, expert loads and reduced gradients (backwards keep their order, so e
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -109,6 +110,8 @@ class GlooReceive:
 def test_a_receive_that_has_arrived_keeps_the_turn_only_when_watched(watch):
     turns, log = Turns(watch_receives=watch), []
     receive = turns.watch([GlooReceive(arrived=True)])
+    while watch and not receive[0].is_completed():  # its watcher has not run yet
+        time.sleep(0.001)
 
     def forward():
         turns.hand_over()  # its exchange issued

@@ -53,6 +53,7 @@ forwards do not disturb the byte accounting of the forward beside it.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,9 @@ def backward_expert_group(state: ParallelState) -> Any:
     return my_group(state.layout, "expert", state.rank)
 
 
+WATCHERS = 8  # receives watched at once (`Turns.watch`): a pair's two inputs, a few tensors each
+
+
 class Turns:
     """Two tasks of one rank taking turns: exactly one runs; `hand_over` gives the turn to the other
     and waits until it comes back. Outside a pair, or once the other task has ended, it returns at once.
@@ -99,6 +103,8 @@ class Turns:
         self.hand_overs = 0  # times the turn passed to the other task (a count for tests and reports)
         self.deferred_grads = 0  # expert weight gradients computed under a backward's exchange (the same)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
+        self._watchers = _Watchers(WATCHERS)
+        self._watched = 0  # receives watched in the running pair
 
     def hand_over(self) -> None:
         with self._cond:
@@ -118,8 +124,15 @@ class Turns:
 
     def watch(self, works: Sequence[Any]) -> list[Any]:
         """A pair's pipeline receives, as `wait_for` will be given them: with `watch_receives`, each
-        waited on in a thread of its own from now on (`Watched`)."""
-        return [Watched(work) for work in works] if self.watch_receives else list(works)
+        waited on by a watcher from now on (`Watched`). Every task waits for its receives before
+        its pair ends, so the watchers never hold more than one pair's."""
+        if not self.watch_receives:
+            return list(works)
+        self._watched += len(works)
+        if self._watched > WATCHERS:
+            raise RuntimeError(f"a pair's tasks have {self._watched} pipeline receives; the overlap runtime "
+                               f"watches at most {WATCHERS} (parallel/pipeline/overlap.py WATCHERS).")
+        return [Watched(work, self._watchers) for work in works]
 
     def wait_for(self, works: Sequence[Any]) -> None:
         """Wait for `works` (a task's pipeline receives); while they are still pending, the other
@@ -139,6 +152,7 @@ class Turns:
             return self._task(0, first)
         finally:
             job.result()
+            self._watched = 0  # both tasks waited for their receives
             with self._cond:
                 self._holder = None
 
@@ -155,39 +169,67 @@ class Turns:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._watchers.shutdown()
 
 
 class Watched:
-    """A pipeline receive waited on in a thread of its own from the start of its pair, so that a task
+    """A pipeline receive waited on by a watcher thread from the start of its pair, so that a task
     can ask whether it has arrived without waiting for it. gloo's send and receive works report
     completion only once waited on (`is_completed` is False until then, however long ago the bytes
-    came), so `Turns.wait_for` would hand the turn over at every input, and the other task, its own
-    exchange just issued, would wait on it with nothing to cover it. NCCL's works answer from their
-    CUDA event and are not watched: waiting there orders the caller's stream, which must be the
-    task's own."""
+    came), so `Turns.wait_for` would hand the turn over at every input, arrived or not. NCCL's
+    works answer from their CUDA event and are not watched: waiting there orders the caller's
+    stream, which must be the task's own. The watchers are a pool that lives with the `Turns`:
+    starting a thread per receive made the overlapped loop about a tenth slower on this project's
+    CPU benchmark, whose ranks run on a CPU quota (every start a hand-off between threads)."""
 
-    SETTLE_S = 0.001  # what its thread may need to return from a receive that has already arrived
+    __slots__ = ("_work", "_arrived", "_error")
 
-    def __init__(self, work: Any):
-        self._arrived = threading.Event()
+    def __init__(self, work: Any, watchers: _Watchers):
+        self._work, self._arrived = work, threading.Event()
         self._error: BaseException | None = None
-        threading.Thread(target=self._wait, args=(work,), name="k2train-receive", daemon=True).start()
+        watchers.submit(self)
 
-    def _wait(self, work: Any) -> None:
+    def watch(self) -> None:
+        """In a watcher thread: wait for the receive, then let go of it (and of its buffer) before
+        telling the task."""
+        work, self._work = self._work, None
         try:
             work.wait()
         except BaseException as error:  # raised where the task waits (`wait`)
             self._error = error
         finally:
+            del work
             self._arrived.set()
 
     def is_completed(self) -> bool:
-        return self._arrived.wait(self.SETTLE_S)
+        return self._arrived.is_set()
 
     def wait(self) -> None:
         self._arrived.wait()
         if self._error is not None:
             raise self._error
+
+
+class _Watchers:
+    """Daemon threads running `Watched` waits: a receive whose peer has died must not hold the
+    process at exit (a ThreadPoolExecutor's threads are joined there)."""
+
+    def __init__(self, threads: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = threads
+        for i in range(threads):
+            threading.Thread(target=self._serve, name=f"k2train-receive-{i}", daemon=True).start()
+
+    def submit(self, watched: Watched) -> None:
+        self._queue.put(watched)
+
+    def shutdown(self) -> None:
+        for _ in range(self._threads):
+            self._queue.put(None)
+
+    def _serve(self) -> None:
+        while (watched := self._queue.get()) is not None:
+            watched.watch()
 
 
 def _deferring(backward: Callable[[], None]) -> Callable[[], None]:
