@@ -16,8 +16,8 @@ short ones). So one task's all-to-all is on the wire
 while the other computes, and nothing runs concurrently on the host: no two threads compete for
 the GIL or the cores. In a pipeline, each task also waits for its own received input where it
 starts (`Turns.wait_for`): while that input is still on the wire, the other task takes the turn
-(on gloo, whose receives report completion only once waited on, each is waited on by a thread of
-its own from the pair's start, `Watched`, so that the question has an answer).
+(on gloo, whose receives report completion only once waited on, a watcher thread waits on each
+from the pair's start, `Watched`, so that the question has an answer).
 Free-running threads were measured slower than no overlap on gloo; taking turns is what the
 DualPipe-style schedules do by hand, here without splitting the model's code into phases.
 
@@ -178,9 +178,10 @@ class Watched:
     completion only once waited on (`is_completed` is False until then, however long ago the bytes
     came), so `Turns.wait_for` would hand the turn over at every input, arrived or not. NCCL's
     works answer from their CUDA event and are not watched: waiting there orders the caller's
-    stream, which must be the task's own. The watchers are a pool that lives with the `Turns`:
-    starting a thread per receive made the overlapped loop about a tenth slower on this project's
-    CPU benchmark, whose ranks run on a CPU quota (every start a hand-off between threads)."""
+    stream, which must be the task's own. The watchers are a pool that lives with the `Turns`, and
+    `is_completed` answers at once: a thread started per receive, with a task waiting up to a
+    millisecond for its answer, made the overlapped loop about a tenth slower on this project's CPU
+    benchmark, whose ranks run on a CPU quota."""
 
     __slots__ = ("_work", "_arrived", "_error")
 
