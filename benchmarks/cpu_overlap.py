@@ -348,7 +348,7 @@ def outside(args) -> None:
                    PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
         subprocess.run(["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--inside",
                         *(["--rate", args.rate] if args.rate else []), "--share", str(args.share),
-                        "--burst", args.burst, "--steps", str(args.steps), "--micro", str(args.micro or 0), "--repeats", str(args.repeats),
+                        "--burst", args.burst, "--steps", str(args.steps), "--micro", str(args.micro), "--repeats", str(args.repeats),
                         "--only", args.only, "--link", args.link, *(["--wgrad"] if args.wgrad else []),
                         *(["--waits"] if args.waits else [])],
                        check=True, env=env)
@@ -369,7 +369,8 @@ def main() -> None:
                         help="how a rank's link serves its connections: one queue in order, or each its share in turn")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--micro", type=int, default=0,
-                        help=f"micro-batches per rank and step of every layout (default: {MICRO}, the 8-process one 32)")
+                        help=f"micro-batches per rank and step of every layout (default: {MICRO}, and "
+                        + ", ".join(f"{name}: {micro}" for name, micro in LAYOUT_MICRO.items()) + ")")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating off and on")
     parser.add_argument("--only", default="", help="run only the layouts whose name contains this")
     parser.add_argument("--waits", action="store_true",

@@ -127,7 +127,8 @@ def _apply_experts(parts: list[K2Model], state: ParallelState, cfg: JobConfig) -
     # A zero-bubble pipeline's paired input passes compute no weight gradients: nothing to defer.
     split_backward = PAIRED[cfg.parallel.schedule].split_backward and layout.pp > 1
     # gloo's pipeline receives report completion only once waited on: watched (overlap.Watched).
-    turns = (Turns(cfg.parallel.delay_wgrad and not split_backward, watch_receives=state.device.type == "cpu")
+    watch_receives = state.device.type == "cpu" and layout.pp > 1
+    turns = (Turns(cfg.parallel.delay_wgrad and not split_backward, watch_receives=watch_receives)
              if cfg.parallel.overlap != "none" else None)
     backward_group = backward_expert_group(state) if turns is not None else None
     for part in parts:

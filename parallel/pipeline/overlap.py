@@ -96,14 +96,13 @@ class Turns:
 
     def __init__(self, delay_wgrad: bool = True, watch_receives: bool = False):
         self.delay_wgrad = delay_wgrad
-        self.watch_receives = watch_receives
         self._cond = threading.Condition()
         self._holder: int | None = None
         self._live = [False, False]
         self.hand_overs = 0  # times the turn passed to the other task (a count for tests and reports)
         self.deferred_grads = 0  # expert weight gradients computed under a backward's exchange (the same)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
-        self._watchers = _Watchers(WATCHERS)
+        self._watchers = _Watchers(WATCHERS) if watch_receives else None
         self._watched = 0  # receives watched in the running pair
 
     def hand_over(self) -> None:
@@ -126,7 +125,7 @@ class Turns:
         """A pair's pipeline receives, as `wait_for` will be given them: with `watch_receives`, each
         waited on by a watcher from now on (`Watched`). Every task waits for its receives before
         its pair ends, so the watchers never hold more than one pair's."""
-        if not self.watch_receives:
+        if self._watchers is None:
             return list(works)
         self._watched += len(works)
         if self._watched > WATCHERS:
@@ -169,7 +168,8 @@ class Turns:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._watchers.shutdown()
+        if self._watchers is not None:
+            self._watchers.shutdown()
 
 
 class Watched:
