@@ -53,7 +53,8 @@ def run_steps(payload: dict) -> dict:
     return dict(steps=steps, params=params, biases=biases, first_expert=first_expert,
                 coords=state.coords, schedule=runner.schedule_table(), trace=getattr(runner, "trace", None),
                 hand_overs=0 if runner.turns is None else runner.turns.hand_overs,
-                deferred_grads=0 if runner.turns is None else runner.turns.deferred_grads)
+                deferred_grads=0 if runner.turns is None else runner.turns.deferred_grads,
+                moe_layers=len(runner.model.moe_layer_ids()))
 
 
 def plain_run(runs: dict, overrides: list[str], data: str, world: int) -> list[dict]:

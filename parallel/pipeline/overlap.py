@@ -28,8 +28,10 @@ forward's next counts exchange would queue behind it on the link. So a paired ba
 routed experts' weight gradients (k2train/memory/weight_grads.py): it computes their input
 gradients, issues the dispatch's exchange, computes the weight gradients under it, and only then
 hands the turn over. The weights' gradients reach them through autograd as before, one exchange
-later; the parameter's accumulation order is unchanged. A zero-bubble pair's input pass computes no
-weight gradients (its weight pass follows the pair), so it defers none.
+later; the parameter's accumulation order is unchanged. An unpaired full backward (the pipeline's
+cool-down, pp = 1's last) defers them too (`Turns.run_alone`): alone, its dispatch's exchange then
+waits only for what they do not cover. A zero-bubble pair's input pass computes no weight
+gradients (its weight pass follows the pair), so it defers none.
 
 Collectives of one process group must be issued in the same order on every rank. Each task's own
 order is fixed, and the backward's exchanges go over a second EP group of the same ranks
@@ -155,6 +157,12 @@ class Turns:
             with self._cond:
                 self._holder = None
 
+    def run_alone(self, backward: Callable[[], None]) -> None:
+        """Run an unpaired full backward (the pipeline's cool-down, or pp = 1's last): with
+        `delay_wgrad` its experts' weight gradients are computed under its own dispatch exchanges,
+        which then wait only for what the gradients do not cover."""
+        (_deferring(backward) if self.delay_wgrad else backward)()
+
     def _task(self, me: int, fn: Callable[[], Any]) -> Any:
         with self._cond:
             self._cond.wait_for(lambda: self._holder == me)
@@ -277,5 +285,5 @@ def run_micro_batches(forward: Callable[[int], Any], backward: Callable[[Any], N
         elif forwards:
             results.append(forward(forwards[0]))
         else:
-            backward(results[backwards[0]])
+            turns.run_alone(lambda r=results[backwards[0]]: backward(r))
     return results

@@ -27,6 +27,7 @@ from parallel.pipeline.torch_compat import (
     PairedInterleaved1F1B,
     PairedInterleavedZeroBubble,
     TheoryInterleaved1F1B,
+    lone_backward,
     overlap_forward_backward,
 )
 from parallel.pipeline.buffers import ReceiveBufferLog
@@ -145,6 +146,8 @@ def build_schedule(
         return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired = PAIRED[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired.register_custom_function(ComputationType.OVERLAP_F_B, overlap_forward_backward(turns))
+    if turns.delay_wgrad:  # the unpaired full backwards defer their experts' weight gradients too
+        paired.register_custom_function(ComputationType.FULL_BACKWARD, lone_backward(turns))
     return paired
 
 

@@ -11,7 +11,8 @@ and changes it at four seams torch does not make public:
   passes a custom function only the action and a context; it sends a paired forward's output as
   soon as that forward ends (`_batch_p2p`), the lowering's `SEND_F` dropped
   (`without_paired_forward_sends`, in `_prepare_schedule_with_comms`) and the sends waited for at
-  the end of `_step_microbatches`;
+  the end of `_step_microbatches`; the unpaired full backwards of an overlapped schedule run by
+  `lone_backward`, which does what the runtime does for them inside `Turns.run_alone`;
 - the receive buffers: six `PipelineStage` methods overridden by `LeanReceiveStage`
   (parallel/pipeline/receive_stage.py, with this module's `RecvInfo` and `make_tensor_from_meta`;
   why: parallel/pipeline/buffers.py);
@@ -308,13 +309,35 @@ def overlap_forward_backward(turns):
             if backward.computation_type == C.BACKWARD_INPUT:  # its weight-gradient pass is counted when it runs
                 b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=False, last_backward=False)
                 return
-            schedule.backward_counter[backward.stage_index] += 1
-            last = schedule.backward_counter[backward.stage_index] == schedule._n_microbatches
-            b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=True, last_backward=last)
+            _full_backward(schedule, b_stage, b_mb, loss)
 
         turns.run_pair(run_forward, run_backward)
 
     return run
+
+
+def lone_backward(turns):
+    """The runtime's function for an unpaired FULL_BACKWARD with overlap (the cool-down's): what the
+    runtime does for it, run by `Turns.run_alone`, so that its experts' weight gradients are computed
+    under its own dispatch exchanges, as a paired backward's are (torch's own path cannot defer them)."""
+
+    def run(action: _Action, ctx: _PipelineContext) -> None:
+        schedule = ctx.schedule_ref
+        stage = {stage.stage_index: stage for stage in schedule_stages(schedule)}[action.stage_index]
+        mb = action.microbatch_index
+        if not stage.is_last:  # the looped placement: every gradient comes over the pipeline group
+            for work in schedule.bwd_recv_ops.pop((action.stage_index, mb)):
+                work.wait()
+        turns.run_alone(lambda: _full_backward(schedule, stage, mb, schedule._maybe_get_loss(stage, mb)))
+
+    return run
+
+
+def _full_backward(schedule, stage: PipelineStage, mb: int, loss) -> None:
+    """A full backward as the runtime runs it once its input is in: counted, the stage's last one so marked."""
+    schedule.backward_counter[stage.stage_index] += 1
+    last = schedule.backward_counter[stage.stage_index] == schedule._n_microbatches
+    stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
 
 
 # ---- the lowering ---------------------------------------------------------------------------------
