@@ -13,6 +13,8 @@ one is the all-to-all with the splits swapped.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -97,3 +99,5 @@ def apply_expert_parallel(model: K2Model, group: dist.ProcessGroup, ep_rank: int
                 f"but EP rank {ep_rank} of {ep_size} owns {expected}..{expected + model.cfg.num_experts // ep_size - 1}."
             )
         moe.exchange = AllToAllExchange(group, ep_size, backward_group, turns, collectives)
+        if turns is not None and turns.delay_wgrad:  # the paired backward defers these weight gradients
+            moe.experts.policy = replace(moe.experts.policy, deferrable_wgrad=True)

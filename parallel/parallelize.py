@@ -17,7 +17,7 @@ The runner (parallel/runner.py) drives what comes out; it applies no parallelism
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -134,18 +134,7 @@ def _apply_experts(parts: list[K2Model], state: ParallelState, cfg: JobConfig) -
     for part in parts:
         apply_expert_parallel(part, state.expert_group, state.coords.ep, layout.ep, backward_group, turns,
                               state.collectives)
-        if turns is not None and turns.delay_wgrad:
-            _defer_weight_grads(part)
     return turns
-
-
-def _defer_weight_grads(part: K2Model) -> None:
-    """Let every projection's weight gradient wait for the backward's next exchange (the routed and
-    shared experts', the attention's, a dense layer's; k2train/memory/weight_grads.py): the modules
-    that read a SavePolicy get one with deferrable_wgrad (a norm's weight is not a projection)."""
-    for module in part.modules():
-        if isinstance(getattr(module, "policy", None), SavePolicy):
-            module.policy = replace(module.policy, deferrable_wgrad=True)
 
 
 def _apply_memory(rank: RankParts, state: ParallelState, cfg: JobConfig, measure_activations: bool):

@@ -54,7 +54,7 @@ def run_steps(payload: dict) -> dict:
                 coords=state.coords, schedule=runner.schedule_table(), trace=getattr(runner, "trace", None),
                 hand_overs=0 if runner.turns is None else runner.turns.hand_overs,
                 deferred_grads=0 if runner.turns is None else runner.turns.deferred_grads,
-                projections=sum("_proj" in name for name, _ in _named_params(runner)))
+                moe_layers=len(runner.model.moe_layer_ids()))
 
 
 def plain_run(runs: dict, overrides: list[str], data: str, world: int) -> list[dict]:

@@ -5,13 +5,7 @@ import torch
 
 from k2train.memory.fp8 import fp8_saved_grouped_mm
 from k2train.memory.fp8_recompute import fp8_recomputed_swiglu_down
-from k2train.memory.weight_grads import (
-    deferring_weight_grads,
-    grouped_project,
-    linear_project,
-    run_deferred_weight_grads,
-    run_weight_grads,
-)
+from k2train.memory.weight_grads import deferring_weight_grads, grouped_project, run_deferred_weight_grads
 
 COUNTS = [3, 0, 5, 8]  # rows per expert, one expert with none
 
@@ -134,65 +128,3 @@ def test_the_fp8_expert_projections_defer_their_weight_gradients_too(projection,
         assert torch.equal(x.grad, want_x) and stack.grad is None
         assert run_deferred_weight_grads() == 1
         assert torch.equal(stack.grad, want_w)
-
-
-@pytest.mark.parametrize("shape", [(6, 16), (2, 3, 16)], ids=["rows", "batch-seq"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_dense_projection_equals_torch_linear_bit_for_bit(dtype, shape):
-    # The attention's and shared experts' projections: nn.Linear weights [out, in] without bias.
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
-    w = torch.randn(8, 16, generator=gen).to(dtype).requires_grad_()
-    grad = torch.randn(*shape[:-1], 8, generator=gen).to(dtype)
-    torch.nn.functional.linear(x, w).backward(grad)
-    want_x, want_w = x.grad, w.grad
-    x.grad = w.grad = None
-    out = linear_project(x, w)
-    assert torch.equal(out, torch.nn.functional.linear(x, w))
-    with deferring_weight_grads():
-        out.backward(grad)
-        assert torch.equal(x.grad, want_x) and w.grad is None
-        assert run_deferred_weight_grads() == 1
-    assert torch.equal(w.grad, want_w)
-
-
-@pytest.mark.parametrize("fp8", [False, True], ids=["plain", "fp8-saved"])
-def test_the_shared_experts_dense_projections_defer_too(fp8):
-    # The dense SwiGLU (shared experts, dense layers) with a deferrable policy: gate, up and down
-    # wait, and reach the weights with the values of the plain computation.
-    from k2train.memory.policy import SavePolicy, swiglu_ffn
-
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(4, 128, generator=gen).requires_grad_()
-    ws = [torch.randn(128, 128, generator=gen).requires_grad_() for _ in range(3)]  # gate, up, down
-    grad = torch.randn(4, 128, generator=gen)
-    swiglu_ffn(SavePolicy(fp8=fp8, recompute=fp8), x, *ws).backward(grad)
-    want = [w.grad for w in ws]
-    for w in ws:
-        w.grad = None
-    with deferring_weight_grads():
-        swiglu_ffn(SavePolicy(fp8=fp8, recompute=fp8, deferrable_wgrad=True), x, *ws).backward(grad)
-        assert all(w.grad is None for w in ws)
-        assert run_deferred_weight_grads() == 3
-    assert all(torch.equal(w.grad, g) for w, g in zip(ws, want))
-
-
-def test_what_a_scope_leaves_is_carried_to_the_next_in_order():
-    # The overlap runtime's backwards share one queue: what one leaves after its last exchange waits
-    # for the next one's first, and runs before that one's own gradients.
-    w = torch.randn(8, 16).requires_grad_()
-    seen: list[float | None] = []  # what the accumulation hook (ZeRO-1's) sees each time it runs
-    w.register_post_accumulate_grad_hook(lambda p: seen.append(None if p.grad is None else p.grad[0, 0].item()))
-    carried: list = []
-    grads = [torch.full((2, 8), float(k)) for k in (1, 2)]  # weight gradients of 2 and 4 per element
-    with deferring_weight_grads(carried):
-        linear_project(torch.ones(2, 16), w).backward(grads[0])
-    assert len(carried) == 1 and w.grad is None  # left waiting, not computed at the scope's end
-    with deferring_weight_grads(carried):
-        linear_project(torch.ones(2, 16), w).backward(grads[1])
-        assert run_deferred_weight_grads() == 2  # the first backward's, then this one's
-    assert carried == [] and seen == [None, None, 2.0, 6.0]
-    assert torch.equal(w.grad, torch.full((8, 16), 6.0))
-    with deferring_weight_grads(carried):
-        linear_project(torch.ones(2, 16), w).backward(grads[0])
-    assert run_weight_grads(carried) == 1 and carried == []

@@ -80,8 +80,8 @@ class ParallelConfig:
     # "none", or "ep": the forward of one micro-batch runs beside the backward of another so each
     # one's expert all-to-all is in flight while the other computes (K2 §2.4; parallel/pipeline/overlap.py).
     overlap: str = "none"
-    # With overlap "ep": a backward computes its projections' weight gradients after issuing its next
-    # exchange, under it (k2train/memory/weight_grads.py); false computes them in place.
+    # With overlap "ep": a paired backward computes the routed experts' weight gradients after issuing
+    # its dispatch's exchange, under it (k2train/memory/weight_grads.py); false computes them in place.
     delay_wgrad: bool = True
     # Layers of each of the pp * vp virtual stages, in stage order; None splits them evenly.
     stage_layers: tuple[int, ...] | None = None

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from k2train.kernels import use_triton
 from k2train.kernels.fp8_format import E4M3_MAX, FP8_DTYPE, SCALE_FLOOR, TILE
-from k2train.memory.weight_grads import deferrable_weight_grad, grouped_weight_grad, linear_weight_grad
+from k2train.memory.weight_grads import grouped_weight_grad
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -180,9 +180,9 @@ class _Fp8SavedLinear(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y.matmul(weight)  # exact: what autograd computes for F.linear
-        if ctx.needs_input_grad[1]:  # now, or deferred to the backward's next exchange (weight_grads.py)
-            x_of = lambda: unpack_saved(data, scales, ctx.x_dtype, ctx.tile)  # noqa: E731
-            grad_w = deferrable_weight_grad(ctx, 1, lambda: linear_weight_grad(x_of(), grad_y))
+        if ctx.needs_input_grad[1]:
+            x = unpack_saved(data, scales, ctx.x_dtype, ctx.tile)
+            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
         return grad_x, grad_w, None, None
 
 

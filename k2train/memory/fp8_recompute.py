@@ -25,13 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from k2train.kernels.fp8_format import TILE
 from k2train.memory.fp8 import quantize_tiles, swiglu_grads, unpack_saved
-from k2train.memory.weight_grads import (
-    deferrable_weight_grad,
-    grouped_project,
-    grouped_weight_grad,
-    linear_project,
-    linear_weight_grad,
-)
+from k2train.memory.weight_grads import grouped_project, grouped_weight_grad
 
 
 class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
@@ -69,18 +63,18 @@ class _Fp8RecomputedSwiGLUDown(torch.autograd.Function):
                 grad_w = grouped_weight_grad(ctx, 2, lambda: hidden, grad_out, w_down, offs)
         else:
             grad_h = grad_out.matmul(w_down)
-            if ctx.needs_input_grad[2]:  # the same, for a dense down-projection
-                grad_w = deferrable_weight_grad(ctx, 2, lambda: linear_weight_grad(hidden, grad_out))
+            if ctx.needs_input_grad[2]:
+                grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(hidden.reshape(-1, hidden.shape[-1]))
         grad_gate, grad_up = swiglu_grads(grad_h, gate, up, ctx.dtypes)
         return grad_gate, grad_up, grad_w, None, grad_scale, None
 
 
 def project(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None, deferrable: bool = False) -> torch.Tensor:
     """x times a weight: F.linear (offs None, w an nn.Linear weight) or torch._grouped_mm (offs the
-    int32 cumulative rows per expert, w [E, in, out]); with `deferrable`, the weight gradient may
-    wait for the backward's next exchange (weight_grads.py)."""
+    int32 cumulative rows per expert, w [E, in, out]; with `deferrable`, its weight gradient may
+    wait, weight_grads.py)."""
     if offs is None:
-        return linear_project(x, w) if deferrable else F.linear(x, w)
+        return F.linear(x, w)
     return grouped_project(x, w, offs) if deferrable else torch._grouped_mm(x, w, offs=offs)
 
 

@@ -41,9 +41,8 @@ class SavePolicy:
 
     fp8: bool = False  # memory.fp8_activations: the up-projection and SwiGLU inputs wait as FP8 tiles
     recompute: bool = False  # memory.selective_recompute: cheap, large stages run again in backward
-    # The projections' weight gradients may wait for the backward's next exchange (weight_grads.py);
-    # set on a built model's modules by the overlap runtime (parallel/parallelize.py), which alone
-    # defers them.
+    # The routed experts' weight gradients may wait for the backward's exchange (weight_grads.py); set
+    # on the experts by the overlap runtime (parallel/experts.py), which alone defers them.
     deferrable_wgrad: bool = False
 
     @classmethod

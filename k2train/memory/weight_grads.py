@@ -1,4 +1,4 @@
-"""Projections whose weight gradients can wait for the backward's next exchange (K2 §2.4).
+"""The routed experts' projections, whose weight gradients can wait (K2 §2.4).
 
 A MoE layer's backward ends with the dispatch's all-to-all: the routed experts' input gradients
 have to reach their tokens' ranks before the attention below can run its backward. Their weight
@@ -8,26 +8,18 @@ gradients first, puts the dispatch's exchange on the wire, and only then compute
 weight gradients: that exchange is in flight under them and under the paired forward's next
 segment, instead of under the forward's segment alone, which is the shorter one (a forward's
 attention and router against a backward's exchange). This is the input/weight-gradient split
-that DualPipe and zero-bubble schedules use, applied at each exchange of a backward.
+that DualPipe and zero-bubble schedules use, applied inside one MoE layer.
 
-The same holds for every projection: the attention's and the shared experts' weight gradients,
-formed between two exchanges, wait for the next one and run under it. Those of a stage's first
-layer come after its last exchange, where nothing is on the wire to hide; the overlap runtime
-carries them (`deferring_weight_grads(carried)`) to the next backward's first exchange, where the
-paired forward's first dispatch is on the wire with little else to hide under, or to the end of
-the step's micro-batch loop. A parameter's gradients still accumulate in micro-batch order: its
-deferred gradients run oldest first, and it accumulates no other way meanwhile.
-
-`grouped_project` (torch._grouped_mm) and `linear_project` (F.linear without bias) have backwards
-of their own (the modules use them where the overlap runtime set `SavePolicy.deferrable_wgrad`;
-elsewhere torch's own ops, whose backwards torch's zero-bubble weight pass handles on every
-supported torch): the input gradient at once, the weight gradient at once too unless inside
-`deferring_weight_grads`, where it is queued until `run_deferred_weight_grads` (an exchange's
-issue) or the end of the scope. The FP8 variants (fp8.py, fp8_recompute.py) form their weight
-gradients through `deferrable_weight_grad` too, so K2's configuration defers them as well. A
-queued gradient reaches the weight through autograd (`torch.autograd.backward` on the weight's
-gradient edge), so the parameter's accumulation and its hooks run as they would have: the same
-values, a little later in time. Each gradient is formed as torch's own backward forms it, so the
+`grouped_project` is torch._grouped_mm with its own backward (the experts use it where the overlap
+runtime set `SavePolicy.deferrable_wgrad`; elsewhere torch's own op, whose backward torch's
+zero-bubble weight pass handles on every supported torch): the input gradient at once, the
+weight gradient at once too unless inside `deferring_weight_grads`, where it is queued until
+`run_deferred_weight_grads` (the exchange's issue) or the end of the scope. The experts' FP8
+variants (fp8.py `fp8_saved_grouped_mm`, fp8_recompute.py's down-projection) form their weight
+gradients through `grouped_weight_grad` too, so K2's configuration defers them as well. A queued
+gradient reaches the weight through autograd (`torch.autograd.backward` on the weight's gradient
+edge), so the parameter's accumulation and its hooks run as they would have: the same values, a
+little later in time. Each gradient is formed as torch's own _grouped_mm backward forms it, so the
 values equal autograd's bit for bit. Only the gradients the running backward asks for are computed
 (a zero-bubble input-gradient pass needs no weight gradient; its weight pass no input gradient).
 
@@ -42,7 +34,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 
 # The weight gradients waiting in the open scope, oldest first; None outside `deferring_weight_grads`.
@@ -50,37 +41,29 @@ _waiting: list[Callable[[], None]] | None = None
 
 
 @contextmanager
-def deferring_weight_grads(carried: list[Callable[[], None]] | None = None) -> Iterator[None]:
-    """While open, deferrable weight gradients wait for `run_deferred_weight_grads`. Without
-    `carried`, any still waiting at the end of the scope are computed there. With it (a list the
-    caller keeps), the scope's queue is that list: it starts with what an earlier scope left, and
-    what is still waiting at the end stays in it, for the next scope or `run_weight_grads`."""
+def deferring_weight_grads() -> Iterator[None]:
+    """While open, the routed experts' weight gradients wait for `run_deferred_weight_grads`; any
+    still waiting at the end of the scope are computed there."""
     global _waiting
     if _waiting is not None:
         raise RuntimeError("deferring_weight_grads: weight gradients are already being deferred; "
                            "one backward at a time may defer them.")
-    _waiting = [] if carried is None else carried
+    _waiting = []
     try:
         yield
-        if carried is None:
-            run_deferred_weight_grads()
+        run_deferred_weight_grads()
     finally:
         _waiting = None
-
-
-def run_weight_grads(waiting: list[Callable[[], None]]) -> int:
-    """Compute and accumulate the weight gradients of `waiting`, oldest first, emptying it; returns how many."""
-    done = 0
-    while waiting:
-        waiting.pop(0)()
-        done += 1
-    return done
 
 
 def run_deferred_weight_grads() -> int:
     """Compute and accumulate the weight gradients deferred so far, in the order queued (none
     outside `deferring_weight_grads`); returns how many."""
-    return 0 if _waiting is None else run_weight_grads(_waiting)
+    done = 0
+    while _waiting:
+        _waiting.pop(0)()
+        done += 1
+    return done
 
 
 def _will_run(edge: tuple) -> bool:
@@ -102,25 +85,19 @@ def weight_grad(x_ND: torch.Tensor, grad_NO: torch.Tensor, w: torch.Tensor, offs
     return torch._grouped_mm(grad_NO.t(), x_ND, offs=offs).transpose(-2, -1)
 
 
-def deferrable_weight_grad(ctx, index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """For the backward of an autograd Function (`ctx`) whose input `index` is a weight whose
-    gradient `compute()` forms: that gradient to return, or None where the running backward does not
-    need it or, inside `deferring_weight_grads`, where it is queued to reach the weight through
-    autograd later."""
+def grouped_weight_grad(ctx, index: int, x_of: Callable[[], torch.Tensor], grad_NO: torch.Tensor,
+                        w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
+    """For the backward of a grouped-experts autograd Function (`ctx`) whose input `index` is the
+    weight w of a projection x @ w[e] (x = `x_of()`, e.g. dequantised from what was saved): the
+    weight's gradient to return, or None where the running backward does not need it or, inside
+    `deferring_weight_grads`, where it is queued to reach the weight through autograd later."""
     edge = ctx.next_functions[index]
     if not _will_run(edge):
         return None
     if _waiting is None:
-        return compute()
-    _waiting.append(lambda: torch.autograd.backward([GradientEdge(*edge)], [compute()]))
+        return weight_grad(x_of(), grad_NO, w, offs)
+    _waiting.append(lambda: torch.autograd.backward([GradientEdge(*edge)], [weight_grad(x_of(), grad_NO, w, offs)]))
     return None
-
-
-def grouped_weight_grad(ctx, index: int, x_of: Callable[[], torch.Tensor], grad_NO: torch.Tensor,
-                        w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
-    """`deferrable_weight_grad` of a grouped-experts projection x @ w[e] (x = `x_of()`, e.g.
-    dequantised from what was saved)."""
-    return deferrable_weight_grad(ctx, index, lambda: weight_grad(x_of(), grad_NO, w, offs))
 
 
 class _GroupedProject(torch.autograd.Function):
@@ -136,35 +113,6 @@ class _GroupedProject(torch.autograd.Function):
         x_ND, w, offs = ctx.saved_tensors
         grad_x = torch._grouped_mm(grad_NO, w.transpose(-2, -1), offs=offs) if _will_run(ctx.next_functions[0]) else None
         return grad_x, grouped_weight_grad(ctx, 1, lambda: x_ND, grad_NO, w, offs), None
-
-
-def linear_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d(F.linear(x, w))/dw for w [out, in], as torch's linear backward forms it: x [..., in] and
-    grad [..., out] folded to rows, gradᵀ @ x."""
-    return grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-
-
-class _LinearProject(torch.autograd.Function):
-    """F.linear(x, w) without bias, x [..., in] and w [out, in], whose backward forms the gradients as
-    torch's own does for it (x folded to [rows, in], then grad @ w and gradᵀ @ x)."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return F.linear(x, w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        grad_x = grad.matmul(w) if _will_run(ctx.next_functions[0]) else None
-        return grad_x, deferrable_weight_grad(ctx, 1, lambda: linear_weight_grad(x, grad))
-
-
-def linear_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) (an nn.Linear weight, no bias), whose weight gradient may be deferred."""
-    if not torch.is_grad_enabled():
-        return F.linear(x, w)
-    return _LinearProject.apply(x, w)
 
 
 def grouped_project(x_ND: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,12 @@ eager path already materialises the logits, and taking their masked max costs on
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from k2train.config.schema import ModelConfig
 from k2train.kernels import use_triton
-from k2train.memory.fp8_recompute import project
 from k2train.memory.policy import SavePolicy
 from k2train.memory.recompute import recomputed
 from k2train.model.norm import RMSNorm
@@ -54,8 +51,8 @@ def eager_causal_attention_with_max_logits(
     return torch.matmul(probs_BHSS, v_BHSV), max_logit_H
 
 
-def _up_project(latent: torch.Tensor, norm: nn.Module, proj: nn.Linear, deferrable: bool) -> torch.Tensor:
-    return project(norm(latent), proj.weight, None, deferrable)
+def _up_project(latent: torch.Tensor, norm: nn.Module, proj: nn.Module) -> torch.Tensor:
+    return proj(norm(latent))
 
 
 class MLA(nn.Module):
@@ -91,18 +88,13 @@ class MLA(nn.Module):
 
         # The up-projections (latent norm + q_b / kv_b) are cheap and their outputs large: with
         # memory.selective_recompute only the low-rank latents are kept for backward (K2 §2.4.3).
-        # With communication overlap the projections' weight gradients may wait for the backward's
-        # next exchange (SavePolicy.deferrable_wgrad, k2train/memory/weight_grads.py).
-        defer = self.policy.deferrable_wgrad
-        q_latent = project(x_BSD, self.q_a_proj.weight, None, defer)
-        up_project = partial(_up_project, deferrable=defer)
-        q_BHSK = recomputed(self.policy.recompute, up_project, q_latent, self.q_a_layernorm, self.q_b_proj)
+        q_latent = self.q_a_proj(x_BSD)
+        q_BHSK = recomputed(self.policy.recompute, _up_project, q_latent, self.q_a_layernorm, self.q_b_proj)
         q_BHSK = q_BHSK.view(B, S, H, dn + dr).transpose(1, 2)
         q_nope, q_rope = q_BHSK.split([dn, dr], dim=-1)
 
-        kv_a = project(x_BSD, self.kv_a_proj_with_mqa.weight, None, defer)
-        latent, k_rope_BSR = kv_a.split([self.kv_lora_rank, dr], dim=-1)
-        kv_BHSK = recomputed(self.policy.recompute, up_project, latent, self.kv_a_layernorm, self.kv_b_proj)
+        latent, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, dr], dim=-1)
+        kv_BHSK = recomputed(self.policy.recompute, _up_project, latent, self.kv_a_layernorm, self.kv_b_proj)
         kv_BHSK = kv_BHSK.view(B, S, H, dn + dv).transpose(1, 2)
         k_nope, v_BHSV = kv_BHSK.split([dn, dv], dim=-1)
 
@@ -113,5 +105,4 @@ class MLA(nn.Module):
         k_BHSK = torch.cat([k_nope, k_rope_B1SR.expand(B, H, S, dr)], dim=-1)
 
         out_BHSV, max_logit_H = causal_attention_with_max_logits(q_BHSK, k_BHSK, v_BHSV, self.softmax_scale)
-        out_BSV = out_BHSV.transpose(1, 2).reshape(B, S, H * dv)
-        return project(out_BSV, self.o_proj.weight, None, defer), max_logit_H
+        return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * dv)), max_logit_H

@@ -24,16 +24,14 @@ DualPipe-style schedules do by hand, here without splitting the model's code int
 Weight gradients under the backward's exchange. A backward's segments are about twice a forward's,
 so the forward's exchanges hide easily and the backward's do not: the dispatch's backward exchange
 would be covered by the forward's shortest segment alone (attention, shared expert, router), and the
-forward's next counts exchange would queue behind it on the link. So a backward defers its
-projections' weight gradients (k2train/memory/weight_grads.py): it computes the input gradients,
-issues its next exchange, computes the weight gradients formed since the last one under it, and only
-then hands the turn over. Those after its last exchange (its stage's first layer's attention) are
-carried to the next backward's first exchange, beside the paired forward's first dispatch, or to
-the end of the step (`Turns.flush`). The weights' gradients reach them through autograd as before,
-later; each parameter's accumulation order is unchanged. An unpaired full backward (the pipeline's
-cool-down, pp = 1's last) defers them too (`Turns.run_alone`): alone, its exchanges then wait only
-for what the gradients do not cover. A zero-bubble pair's input pass computes no weight gradients
-(its weight pass follows the pair), so it defers none.
+forward's next counts exchange would queue behind it on the link. So a paired backward defers the
+routed experts' weight gradients (k2train/memory/weight_grads.py): it computes their input
+gradients, issues the dispatch's exchange, computes the weight gradients under it, and only then
+hands the turn over. The weights' gradients reach them through autograd as before, one exchange
+later; the parameter's accumulation order is unchanged. An unpaired full backward (the pipeline's
+cool-down, pp = 1's last) defers them too (`Turns.run_alone`): alone, its dispatch's exchange then
+waits only for what they do not cover. A zero-bubble pair's input pass computes no weight
+gradients (its weight pass follows the pair), so it defers none.
 
 Collectives of one process group must be issued in the same order on every rank. Each task's own
 order is fixed, and the backward's exchanges go over a second EP group of the same ranks
@@ -65,7 +63,7 @@ from typing import Any
 
 import torch
 
-from k2train.memory.weight_grads import deferring_weight_grads, run_deferred_weight_grads, run_weight_grads
+from k2train.memory.weight_grads import deferring_weight_grads, run_deferred_weight_grads
 from parallel.collectives import Collectives
 from parallel.pipeline.schedule_table import paired_order
 from parallel.state import ParallelState, my_group
@@ -94,7 +92,7 @@ WATCHERS = 8  # receives watched at once (`Turns.watch`): a pair's two inputs, a
 class Turns:
     """Two tasks of one rank taking turns: exactly one runs; `hand_over` gives the turn to the other
     and waits until it comes back. Outside a pair, or once the other task has ended, it returns at once.
-    `delay_wgrad` (parallel.delay_wgrad): the backwards defer their weight gradients to their exchanges.
+    `delay_wgrad` (parallel.delay_wgrad): the backward defers its experts' weight gradients to its exchanges.
     `watch_receives` (gloo): a pair's pipeline receives are `watch`ed, so `wait_for` can tell whether
     they have arrived."""
 
@@ -104,13 +102,10 @@ class Turns:
         self._holder: int | None = None
         self._live = [False, False]
         self.hand_overs = 0  # times the turn passed to the other task (a count for tests and reports)
-        self.deferred_grads = 0  # weight gradients deferred and computed later (the same)
+        self.deferred_grads = 0  # expert weight gradients computed under a backward's exchange (the same)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
         self._watchers = _Watchers(WATCHERS) if watch_receives else None
         self._watched = 0  # receives watched in the running pair
-        # Weight gradients a backward left after its last exchange (its stage's first layer's
-        # attention), for the next backward's first exchange or the end of the step (`flush`).
-        self._carried: list[Callable[[], None]] = []
 
     def hand_over(self) -> None:
         with self._cond:
@@ -153,7 +148,7 @@ class Turns:
         Returns `first`'s result; an error in either is raised here after both have ended."""
         with self._cond:
             self._holder, self._live = 0, [True, True]
-        job = self._pool.submit(self._task, 1, self._deferring(second) if self.delay_wgrad else second)
+        job = self._pool.submit(self._task, 1, _deferring(second) if self.delay_wgrad else second)
         try:
             return self._task(0, first)
         finally:
@@ -164,24 +159,9 @@ class Turns:
 
     def run_alone(self, backward: Callable[[], None]) -> None:
         """Run an unpaired full backward (the pipeline's cool-down, or pp = 1's last): with
-        `delay_wgrad` its weight gradients are computed under its own exchanges, which then wait
-        only for what the gradients do not cover."""
-        (self._deferring(backward) if self.delay_wgrad else backward)()
-
-    def flush(self) -> None:
-        """Compute the weight gradients the step's last backwards left waiting: at the end of the
-        micro-batch loop, before the gradients are reduced."""
-        self.deferred_grads += run_weight_grads(self._carried)
-
-    def _deferring(self, backward: Callable[[], None]) -> Callable[[], None]:
-        """`backward` with its weight gradients deferred to its next exchange; those after its last
-        exchange carried to the next backward's first."""
-
-        def run() -> None:
-            with deferring_weight_grads(self._carried):
-                backward()
-
-        return run
+        `delay_wgrad` its experts' weight gradients are computed under its own dispatch exchanges,
+        which then wait only for what the gradients do not cover."""
+        (_deferring(backward) if self.delay_wgrad else backward)()
 
     def _task(self, me: int, fn: Callable[[], Any]) -> Any:
         with self._cond:
@@ -261,6 +241,16 @@ class _Watchers:
             watched.watch()
 
 
+def _deferring(backward: Callable[[], None]) -> Callable[[], None]:
+    """`backward` with the routed experts' weight gradients deferred to its next exchange."""
+
+    def run() -> None:
+        with deferring_weight_grads():
+            backward()
+
+    return run
+
+
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
                group: Any, turns: Turns | None, collectives: Collectives, backward: bool = False) -> None:
     """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's
@@ -269,7 +259,7 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | Non
         collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group)
         return
     work = collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
-    if backward:  # the weight gradients deferred before it run under it, before the turn passes
+    if backward:  # the experts' weight gradients deferred before it run under it, before the turn passes
         turns.deferred_grads += run_deferred_weight_grads()
     turns.hand_over()
     work.wait()
@@ -296,5 +286,4 @@ def run_micro_batches(forward: Callable[[int], Any], backward: Callable[[Any], N
             results.append(forward(forwards[0]))
         else:
             turns.run_alone(lambda r=results[backwards[0]]: backward(r))
-    turns.flush()
     return results

@@ -146,9 +146,8 @@ def build_schedule(
         return SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired = PAIRED[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     paired.register_custom_function(ComputationType.OVERLAP_F_B, overlap_forward_backward(turns))
-    if turns.delay_wgrad:  # the unpaired full backwards defer their weight gradients too
+    if turns.delay_wgrad:  # the unpaired full backwards defer their experts' weight gradients too
         paired.register_custom_function(ComputationType.FULL_BACKWARD, lone_backward(turns))
-        paired.finish_step = turns.flush
     return paired
 
 

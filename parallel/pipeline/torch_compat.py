@@ -218,9 +218,6 @@ class PairedInterleaved1F1B(TheoryInterleaved1F1B):
     forward, then forward/backward pairs as OVERLAP_F_B actions run by `overlap_forward_backward`."""
 
     split_backward = False
-    # Called when the micro-batch loop has ended, before the step's gradients are reduced (set by
-    # parallel/pipeline/stages.py to `Turns.flush`: the weight gradients still deferred).
-    finish_step: Callable[[], None] = staticmethod(lambda: None)
 
     def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
         return paired_actions(self.pp_group_size, self.n_local_stages, self._n_microbatches, rank,
@@ -240,7 +237,6 @@ class PairedInterleaved1F1B(TheoryInterleaved1F1B):
             for work in works:
                 work.wait()
         self.early_sends = []
-        self.finish_step()
         return result
 
 
@@ -322,8 +318,8 @@ def overlap_forward_backward(turns):
 
 def lone_backward(turns):
     """The runtime's function for an unpaired FULL_BACKWARD with overlap (the cool-down's): what the
-    runtime does for it, run by `Turns.run_alone`, so that its weight gradients are computed under
-    its own exchanges, as a paired backward's are (torch's own path cannot defer them)."""
+    runtime does for it, run by `Turns.run_alone`, so that its experts' weight gradients are computed
+    under its own dispatch exchanges, as a paired backward's are (torch's own path cannot defer them)."""
 
     def run(action: _Action, ctx: _PipelineContext) -> None:
         schedule = ctx.schedule_ref
