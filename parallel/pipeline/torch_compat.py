@@ -286,7 +286,7 @@ def overlap_forward_backward(turns):
     def run(action: _Action, ctx: _PipelineContext) -> None:
         schedule = ctx.schedule_ref
         forward, backward = action.sub_actions
-        stages = {stage.stage_index: stage for stage in schedule_stages(schedule)}
+        stages = _stages_by_index(schedule)
         f_stage, b_stage = stages[forward.stage_index], stages[backward.stage_index]
         f_mb, b_mb = forward.microbatch_index, backward.microbatch_index
         # Each task waits for its own received input (the looped placement has no two adjacent
@@ -323,7 +323,7 @@ def lone_backward(turns):
 
     def run(action: _Action, ctx: _PipelineContext) -> None:
         schedule = ctx.schedule_ref
-        stage = {stage.stage_index: stage for stage in schedule_stages(schedule)}[action.stage_index]
+        stage = _stages_by_index(schedule)[action.stage_index]
         mb = action.microbatch_index
         if not stage.is_last:  # the looped placement: every gradient comes over the pipeline group
             for work in schedule.bwd_recv_ops.pop((action.stage_index, mb)):
@@ -331,6 +331,11 @@ def lone_backward(turns):
         turns.run_alone(lambda: _full_backward(schedule, stage, mb, schedule._maybe_get_loss(stage, mb)))
 
     return run
+
+
+def _stages_by_index(schedule) -> dict[int, PipelineStage]:
+    """This rank's stages of a torch schedule, by stage index."""
+    return {stage.stage_index: stage for stage in schedule_stages(schedule)}
 
 
 def _full_backward(schedule, stage: PipelineStage, mb: int, loss) -> None:
