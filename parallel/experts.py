@@ -21,17 +21,18 @@ import torch.distributed as dist
 from k2train.model import K2Model
 from k2train.model.moe import Experts
 from parallel.collectives import Collectives
-from parallel.pipeline.overlap import Turns, all_to_all
+from parallel.pipeline.overlap import HELD_WGRADS, Turns, all_to_all
 
 
 class _AllToAll(torch.autograd.Function):
     """Uneven all_to_all_single over `group`: x [sum(in_splits), D] -> [sum(out_splits), D]."""
 
     @staticmethod
-    def forward(ctx, x_ND, out_splits: list[int], in_splits: list[int], exchange: AllToAllExchange):
+    def forward(ctx, x_ND, out_splits: list[int], in_splits: list[int], exchange: AllToAllExchange, held: int = 0):
         # The backward's exchange may go over its own group (parallel/pipeline/overlap.py runs backwards
         # beside forwards; each group must see its collectives in the same order on every rank).
-        ctx.splits, ctx.exchange = (out_splits, in_splits), exchange
+        # `held`: deferred weight gradients the backward's exchange leaves to the next one.
+        ctx.splits, ctx.exchange, ctx.held = (out_splits, in_splits), exchange, held
         out_MD = x_ND.new_empty(sum(out_splits), x_ND.shape[1])
         all_to_all(out_MD, x_ND.contiguous(), out_splits, in_splits, exchange.group, exchange.turns,
                    exchange.collectives)
@@ -42,20 +43,23 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad_ND = grad_MD.new_empty(sum(in_splits), grad_MD.shape[1])
         all_to_all(grad_ND, grad_MD.contiguous(), in_splits, out_splits, ctx.exchange.backward_group,
-                   ctx.exchange.turns, ctx.exchange.collectives, backward=True)
-        return grad_ND, None, None, None
+                   ctx.exchange.turns, ctx.exchange.collectives, backward=True, held=ctx.held)
+        return grad_ND, None, None, None, None
 
 
 class AllToAllExchange:
     """The MoE `ExpertExchange` of one EP rank: rows out to their expert's rank, outputs back."""
 
     def __init__(self, group: dist.ProcessGroup, ep_size: int, backward_group: dist.ProcessGroup | None = None,
-                 turns: Turns | None = None, collectives: Collectives | None = None):
+                 turns: Turns | None = None, collectives: Collectives | None = None, held_wgrads: int = 0):
         self.group = group
         self.backward_group = group if backward_group is None else backward_group
         self.ep_size = ep_size
         self.turns = turns  # parallel.overlap: each exchange hands the turn to the paired micro-batch
         self.collectives = Collectives() if collectives is None else collectives
+        # The experts' weight gradients the dispatch's backward exchange leaves to the backward's
+        # next exchange (parallel/pipeline/overlap.py HELD_WGRADS; 0 where there is none).
+        self.held_wgrads = held_wgrads
 
     def __call__(self, x_ND: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor,
                  experts: Experts) -> torch.Tensor:
@@ -70,7 +74,7 @@ class AllToAllExchange:
 
         # Each row travels with its combine weight as one more column: the experts apply it
         # (k2train/model/moe.py), and one exchange carries both.
-        rows_MD = _AllToAll.apply(torch.cat([x_ND, weight_N], dim=1), out_splits, in_splits, self)
+        rows_MD = _AllToAll.apply(torch.cat([x_ND, weight_N], dim=1), out_splits, in_splits, self, self.held_wgrads)
         # Arrivals are grouped by source rank; the grouped GEMM wants them grouped by local expert.
         local_expert_M = torch.arange(E_local, device=x_ND.device).repeat(self.ep_size)
         # output_size is known here; without it repeat_interleave reads the total back (another sync).
@@ -90,7 +94,8 @@ def apply_expert_parallel(model: K2Model, group: dist.ProcessGroup, ep_rank: int
     calling the all-to-alls through `collectives` (the rank's ParallelState.collectives)."""
     if ep_size == 1:
         return
-    for i in model.moe_layers():
+    moe_layers = model.moe_layers()
+    for i in moe_layers:
         moe = model.layers[str(i)].mlp
         expected = ep_rank * moe.experts.num_local
         if moe.experts.first_expert != expected or moe.experts.num_local * ep_size != model.cfg.num_experts:
@@ -98,6 +103,9 @@ def apply_expert_parallel(model: K2Model, group: dist.ProcessGroup, ep_rank: int
                 f"layer {i} holds experts {moe.experts.first_expert}..{moe.experts.first_expert + moe.experts.num_local - 1}, "
                 f"but EP rank {ep_rank} of {ep_size} owns {expected}..{expected + model.cfg.num_experts // ep_size - 1}."
             )
-        moe.exchange = AllToAllExchange(group, ep_size, backward_group, turns, collectives)
-        if turns is not None and turns.delay_wgrad:  # the paired backward defers these weight gradients
+        deferring = turns is not None and turns.delay_wgrad
+        # The part's first MoE layer's dispatch exchange is its backward's last: it holds nothing back.
+        held = HELD_WGRADS if deferring and i != moe_layers[0] else 0
+        moe.exchange = AllToAllExchange(group, ep_size, backward_group, turns, collectives, held)
+        if deferring:  # the paired backward defers these weight gradients
             moe.experts.policy = replace(moe.experts.policy, deferrable_wgrad=True)

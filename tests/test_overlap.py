@@ -189,6 +189,54 @@ def test_a_backward_defers_its_experts_weight_gradients_only_when_asked(delay):
     assert w.grad is not None
 
 
+def test_a_dispatch_exchange_leaves_one_weight_gradient_to_the_exchange_below(monkeypatch, tmp_path):
+    # A MoE layer's backward queues its experts' three weight gradients; its dispatch exchange
+    # computes two and leaves the last to the next exchange, the combine's of the MoE layer below.
+    # The part's first MoE layer's dispatch exchange is the backward's last and holds none back.
+    from dataclasses import replace
+
+    import torch.distributed as dist
+
+    import parallel.pipeline.overlap as overlap
+    from k2train.config.schema import ModelConfig
+    from k2train.model.transformer import K2Model, ModelPart
+    from parallel.experts import AllToAllExchange, apply_expert_parallel
+
+    cfg = ModelConfig(num_layers=4)  # layer 0 dense, layers 1-3 MoE
+    part = K2Model(cfg, ModelPart(range(4), first_expert=0, num_local_experts=cfg.num_experts // 2))
+    apply_expert_parallel(part, object(), 0, 2, turns=Turns(True))  # the groups are only kept here
+    assert [part.layers[str(i)].mlp.exchange.held_wgrads for i in part.moe_layers()] == [0, 1, 1]
+    apply_expert_parallel(part, object(), 0, 2, turns=Turns(False))  # nothing deferred, nothing held
+    assert [part.layers[str(i)].mlp.exchange.held_wgrads for i in part.moe_layers()] == [0, 0, 0]
+
+    # The rule at work, on one gloo process (an EP of 1 takes the exchange's code path too).
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model, turns = K2Model(cfg), Turns(True)
+        for i in model.moe_layers():
+            moe = model.layers[str(i)].mlp
+            moe.exchange = AllToAllExchange(dist.group.WORLD, 1, turns=turns,
+                                            held_wgrads=overlap.HELD_WGRADS if i != model.moe_layers()[0] else 0)
+            moe.experts.policy = replace(moe.experts.policy, deferrable_wgrad=True)
+        computed = []
+        run = overlap.run_deferred_weight_grads
+
+        def recorded(keep=0):
+            computed.append(run(keep))
+            return computed[-1]
+
+        monkeypatch.setattr(overlap, "run_deferred_weight_grads", recorded)
+        logits = model(torch.randint(0, cfg.vocab_size, (2, 8))).output
+        turns.run_alone(lambda: logits.square().mean().backward())
+        turns.close()
+    finally:
+        dist.destroy_process_group()
+    # Per exchange, layers 3, 2, 1 (combine's, then dispatch's): nothing waits at the top combine;
+    # each dispatch but the last leaves one, which the combine below it computes.
+    assert computed == [0, 2, 1, 2, 1, 3]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_a_layout_with_nothing_to_overlap_is_refused():
     assert overlap_runs("ep", 4) and not overlap_runs("none", 4)
     check_overlap("none", 1)

@@ -64,6 +64,20 @@ def test_a_deferred_weight_gradient_arrives_through_autograd_when_run():
         assert run_deferred_weight_grads() == 0
 
 
+def test_a_run_can_keep_the_gradients_queued_last():
+    # An exchange may leave the last-queued weight gradients to the backward's next exchange.
+    x, stack, offs, grad = _problem(torch.float32, True)
+    other = torch.randn_like(stack).requires_grad_()
+    with deferring_weight_grads():
+        grouped_project(x, _weight(stack, True), offs).backward(grad)
+        grouped_project(x, _weight(other, True), offs).backward(grad)
+        assert run_deferred_weight_grads(keep=1) == 1
+        assert stack.grad is not None and other.grad is None
+        assert run_deferred_weight_grads(keep=1) == 0
+        assert run_deferred_weight_grads() == 1
+        assert other.grad is not None
+
+
 def test_what_is_still_deferred_runs_at_the_end_of_the_scope():
     x, stack, offs, grad = _problem(torch.float32, True)
     with deferring_weight_grads():

@@ -56,11 +56,11 @@ def deferring_weight_grads() -> Iterator[None]:
         _waiting = None
 
 
-def run_deferred_weight_grads() -> int:
-    """Compute and accumulate the weight gradients deferred so far, in the order queued (none
-    outside `deferring_weight_grads`); returns how many."""
+def run_deferred_weight_grads(keep: int = 0) -> int:
+    """Compute and accumulate the weight gradients deferred so far, in the order queued, but for the
+    `keep` queued last (none outside `deferring_weight_grads`); returns how many it computed."""
     done = 0
-    while _waiting:
+    while _waiting is not None and len(_waiting) > keep:
         _waiting.pop(0)()
         done += 1
     return done

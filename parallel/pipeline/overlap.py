@@ -28,7 +28,12 @@ forward's next counts exchange would queue behind it on the link. So a paired ba
 routed experts' weight gradients (k2train/memory/weight_grads.py): it computes their input
 gradients, issues the dispatch's exchange, computes the weight gradients under it, and only then
 hands the turn over. The weights' gradients reach them through autograd as before, one exchange
-later; the parameter's accumulation order is unchanged. An unpaired full backward (the pipeline's
+later; the parameter's accumulation order is unchanged. One of a layer's three (`HELD_WGRADS`)
+waits one exchange longer, for the combine's backward exchange of the MoE layer below: the segment
+before that exchange (the layer's attention backward and the layer below's shared-expert backward)
+is the backward's shortest but one, and the forward's next dispatch, issued at the end of the
+forward's own short segment (shared expert, attention, router), has only that segment to hide
+under. The stage's first MoE layer has no exchange below it and holds none back. An unpaired full backward (the pipeline's
 cool-down, pp = 1's last) defers them too (`Turns.run_alone`): alone, its dispatch's exchange then
 waits only for what they do not cover. A zero-bubble pair's input pass computes no weight
 gradients (its weight pass follows the pair), so it defers none.
@@ -86,6 +91,9 @@ def backward_expert_group(state: ParallelState) -> Any:
     return my_group(state.layout, "expert", state.rank)
 
 
+# The experts' weight gradients (of three) a backward's dispatch exchange leaves to its next exchange,
+# the combine's of the MoE layer below (module docstring).
+HELD_WGRADS = 1
 WATCHERS = 8  # receives watched at once (`Turns.watch`): a pair's two inputs, a few tensors each
 
 
@@ -252,15 +260,17 @@ def _deferring(backward: Callable[[], None]) -> Callable[[], None]:
 
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
-               group: Any, turns: Turns | None, collectives: Collectives, backward: bool = False) -> None:
+               group: Any, turns: Turns | None, collectives: Collectives, backward: bool = False,
+               held: int = 0) -> None:
     """all_to_all_single into `out`; with `turns`, issued async and waited on after the other task's
-    turn (a `backward` exchange after the weight gradients deferred before it, too)."""
+    turn (a `backward` exchange after the weight gradients deferred before it, but for the `held`
+    queued last, which wait for the backward's next exchange)."""
     if turns is None:
         collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group)
         return
     work = collectives.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
     if backward:  # the experts' weight gradients deferred before it run under it, before the turn passes
-        turns.deferred_grads += run_deferred_weight_grads()
+        turns.deferred_grads += run_deferred_weight_grads(keep=held)
     turns.hand_over()
     work.wait()
 
