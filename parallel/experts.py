@@ -57,8 +57,8 @@ class AllToAllExchange:
         self.ep_size = ep_size
         self.turns = turns  # parallel.overlap: each exchange hands the turn to the paired micro-batch
         self.collectives = Collectives() if collectives is None else collectives
-        # The experts' weight gradients the dispatch's backward exchange leaves to the backward's
-        # next exchange (parallel/pipeline/overlap.py HELD_WGRADS; 0 where there is none).
+        # The experts' weight gradients the dispatch's backward exchange leaves to the next exchange
+        # (parallel/pipeline/overlap.py HELD_WGRADS; 0 where nothing is deferred).
         self.held_wgrads = held_wgrads
 
     def __call__(self, x_ND: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor,
@@ -94,8 +94,7 @@ def apply_expert_parallel(model: K2Model, group: dist.ProcessGroup, ep_rank: int
     calling the all-to-alls through `collectives` (the rank's ParallelState.collectives)."""
     if ep_size == 1:
         return
-    moe_layers = model.moe_layers()
-    for i in moe_layers:
+    for i in model.moe_layers():
         moe = model.layers[str(i)].mlp
         expected = ep_rank * moe.experts.num_local
         if moe.experts.first_expert != expected or moe.experts.num_local * ep_size != model.cfg.num_experts:
@@ -104,8 +103,7 @@ def apply_expert_parallel(model: K2Model, group: dist.ProcessGroup, ep_rank: int
                 f"but EP rank {ep_rank} of {ep_size} owns {expected}..{expected + model.cfg.num_experts // ep_size - 1}."
             )
         deferring = turns is not None and turns.delay_wgrad
-        # The part's first MoE layer's dispatch exchange is its backward's last: it holds nothing back.
-        held = HELD_WGRADS if deferring and i != moe_layers[0] else 0
+        held = HELD_WGRADS if deferring else 0
         moe.exchange = AllToAllExchange(group, ep_size, backward_group, turns, collectives, held)
         if deferring:  # the paired backward defers these weight gradients
             moe.experts.policy = replace(moe.experts.policy, deferrable_wgrad=True)

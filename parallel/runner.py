@@ -108,6 +108,8 @@ class ParallelRunner:
         with observed(self.step_observer, "schedule"):
             self.schedule.step(*args, target=labels_BS if last else None, losses=losses if last else None,
                                return_outputs=False)
+            if self.turns is not None:  # the weight gradients the last backward held (overlap.py)
+                self.turns.flush()
         loss_sum = torch.stack(losses).sum().detach() if last else torch.zeros((), device=self.state.device)
         max_logits = torch.cat([m.max_logits_LH for m in self.stage_modules])
         counts = torch.cat([m.counts_ME for m in self.stage_modules])

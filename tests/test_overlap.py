@@ -181,9 +181,13 @@ def test_a_backward_defers_its_experts_weight_gradients_only_when_asked(delay):
         computed_in_place.append(w.grad is not None)
 
     turns.run_pair(lambda: None, backward)
-    assert w.grad is not None  # what waited is computed when the backward ends
+    # What waited past the backward's last exchange (here: it has none) is carried to the next
+    # backward's first exchange, or computed at the end of the step's loop.
+    turns.flush()
+    assert w.grad is not None
     w.grad = None
     turns.run_alone(backward)  # an unpaired backward (the cool-down's) defers as a paired one does
+    turns.flush()
     turns.close()
     assert computed_in_place == [not delay] * 2
     assert w.grad is not None
@@ -192,7 +196,8 @@ def test_a_backward_defers_its_experts_weight_gradients_only_when_asked(delay):
 def test_a_dispatch_exchange_leaves_one_weight_gradient_to_the_exchange_below(monkeypatch, tmp_path):
     # A MoE layer's backward queues its experts' three weight gradients; its dispatch exchange
     # computes two and leaves the last to the next exchange, the combine's of the MoE layer below.
-    # The part's first MoE layer's dispatch exchange is the backward's last and holds none back.
+    # The part's first MoE layer's dispatch exchange is the backward's last: what it holds is
+    # carried to the next backward's first exchange, or to the end of the step's loop (flush).
     from dataclasses import replace
 
     import torch.distributed as dist
@@ -205,7 +210,7 @@ def test_a_dispatch_exchange_leaves_one_weight_gradient_to_the_exchange_below(mo
     cfg = ModelConfig(num_layers=4)  # layer 0 dense, layers 1-3 MoE
     part = K2Model(cfg, ModelPart(range(4), first_expert=0, num_local_experts=cfg.num_experts // 2))
     apply_expert_parallel(part, object(), 0, 2, turns=Turns(True))  # the groups are only kept here
-    assert [part.layers[str(i)].mlp.exchange.held_wgrads for i in part.moe_layers()] == [0, 1, 1]
+    assert [part.layers[str(i)].mlp.exchange.held_wgrads for i in part.moe_layers()] == [1, 1, 1]
     apply_expert_parallel(part, object(), 0, 2, turns=Turns(False))  # nothing deferred, nothing held
     assert [part.layers[str(i)].mlp.exchange.held_wgrads for i in part.moe_layers()] == [0, 0, 0]
 
@@ -215,8 +220,7 @@ def test_a_dispatch_exchange_leaves_one_weight_gradient_to_the_exchange_below(mo
         model, turns = K2Model(cfg), Turns(True)
         for i in model.moe_layers():
             moe = model.layers[str(i)].mlp
-            moe.exchange = AllToAllExchange(dist.group.WORLD, 1, turns=turns,
-                                            held_wgrads=overlap.HELD_WGRADS if i != model.moe_layers()[0] else 0)
+            moe.exchange = AllToAllExchange(dist.group.WORLD, 1, turns=turns, held_wgrads=overlap.HELD_WGRADS)
             moe.experts.policy = replace(moe.experts.policy, deferrable_wgrad=True)
         computed = []
         run = overlap.run_deferred_weight_grads
@@ -226,14 +230,22 @@ def test_a_dispatch_exchange_leaves_one_weight_gradient_to_the_exchange_below(mo
             return computed[-1]
 
         monkeypatch.setattr(overlap, "run_deferred_weight_grads", recorded)
-        logits = model(torch.randint(0, cfg.vocab_size, (2, 8))).output
-        turns.run_alone(lambda: logits.square().mean().backward())
+        tokens = torch.randint(0, cfg.vocab_size, (2, 8))
+        gate = model.layers["1"].mlp.experts  # the first MoE layer's experts: its held gradient is carried
+        for backward in range(2):
+            logits = model(tokens).output
+            turns.run_alone(lambda: logits.square().mean().backward())
+            if backward == 0:
+                assert sum(p.grad is None for p in gate.parameters()) == 1
+        turns.flush()
+        assert all(p.grad is not None for p in gate.parameters())
         turns.close()
     finally:
         dist.destroy_process_group()
-    # Per exchange, layers 3, 2, 1 (combine's, then dispatch's): nothing waits at the top combine;
-    # each dispatch but the last leaves one, which the combine below it computes.
-    assert computed == [0, 2, 1, 2, 1, 3]
+    # Per exchange, layers 3, 2, 1 (combine's, then dispatch's): the first backward's top combine
+    # has nothing waiting, the second's computes the first's carried gradient; each dispatch leaves one.
+    assert computed == [0, 2, 1, 2, 1, 2] + [1, 2, 1, 2, 1, 2]
+    assert turns.deferred_grads == 2 * 3 * 3
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 

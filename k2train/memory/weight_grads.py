@@ -41,29 +41,38 @@ _waiting: list[Callable[[], None]] | None = None
 
 
 @contextmanager
-def deferring_weight_grads() -> Iterator[None]:
-    """While open, the routed experts' weight gradients wait for `run_deferred_weight_grads`; any
-    still waiting at the end of the scope are computed there."""
+def deferring_weight_grads(carried: list[Callable[[], None]] | None = None) -> Iterator[None]:
+    """While open, the routed experts' weight gradients wait for `run_deferred_weight_grads`.
+    Without `carried`, any still waiting at the end of the scope are computed there. With it (a
+    list the caller keeps), the scope's queue is that list: it starts with what an earlier scope
+    left, and what is still waiting at the end stays in it, for the next scope or `run_weight_grads`."""
     global _waiting
     if _waiting is not None:
         raise RuntimeError("deferring_weight_grads: weight gradients are already being deferred; "
                            "one backward at a time may defer them.")
-    _waiting = []
+    _waiting = [] if carried is None else carried
     try:
         yield
-        run_deferred_weight_grads()
+        if carried is None:
+            run_deferred_weight_grads()
     finally:
         _waiting = None
+
+
+def run_weight_grads(waiting: list[Callable[[], None]], keep: int = 0) -> int:
+    """Compute and accumulate the weight gradients of `waiting`, oldest first, but for the `keep`
+    queued last; returns how many it computed."""
+    done = 0
+    while len(waiting) > keep:
+        waiting.pop(0)()
+        done += 1
+    return done
 
 
 def run_deferred_weight_grads(keep: int = 0) -> int:
     """Compute and accumulate the weight gradients deferred so far, in the order queued, but for the
     `keep` queued last (none outside `deferring_weight_grads`); returns how many it computed."""
-    done = 0
-    while _waiting is not None and len(_waiting) > keep:
-        _waiting.pop(0)()
-        done += 1
-    return done
+    return 0 if _waiting is None else run_weight_grads(_waiting, keep)
 
 
 def _will_run(edge: tuple) -> bool:

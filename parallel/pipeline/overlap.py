@@ -33,7 +33,12 @@ waits one exchange longer, for the combine's backward exchange of the MoE layer 
 before that exchange (the layer's attention backward and the layer below's shared-expert backward)
 is the backward's shortest but one, and the forward's next dispatch, issued at the end of the
 forward's own short segment (shared expert, attention, router), has only that segment to hide
-under. The stage's first MoE layer has no exchange below it and holds none back. An unpaired full backward (the pipeline's
+under. A stage's first MoE layer has no exchange below it: its held gradient is carried to the
+next backward's first exchange (`Turns` keeps it), beside the next pair's first dispatch, which
+has only that backward's first segment (the last layer's shared-expert backward) to hide under;
+the step's last backward's goes at the end of the micro-batch loop (`Turns.flush`). A parameter's
+gradients still accumulate in micro-batch order: every backward that touches the experts' weights
+issues an exchange before it forms theirs. An unpaired full backward (the pipeline's
 cool-down, pp = 1's last) defers them too (`Turns.run_alone`): alone, its dispatch's exchange then
 waits only for what they do not cover. A zero-bubble pair's input pass computes no weight
 gradients (its weight pass follows the pair), so it defers none.
@@ -68,7 +73,7 @@ from typing import Any
 
 import torch
 
-from k2train.memory.weight_grads import deferring_weight_grads, run_deferred_weight_grads
+from k2train.memory.weight_grads import deferring_weight_grads, run_deferred_weight_grads, run_weight_grads
 from parallel.collectives import Collectives
 from parallel.pipeline.schedule_table import paired_order
 from parallel.state import ParallelState, my_group
@@ -92,7 +97,7 @@ def backward_expert_group(state: ParallelState) -> Any:
 
 
 # The experts' weight gradients (of three) a backward's dispatch exchange leaves to its next exchange,
-# the combine's of the MoE layer below (module docstring).
+# the combine's of the MoE layer below or the next backward's first (module docstring).
 HELD_WGRADS = 1
 WATCHERS = 8  # receives watched at once (`Turns.watch`): a pair's two inputs, a few tensors each
 
@@ -114,6 +119,7 @@ class Turns:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2train-backward")
         self._watchers = _Watchers(WATCHERS) if watch_receives else None
         self._watched = 0  # receives watched in the running pair
+        self._carried: list[Callable[[], None]] = []  # weight gradients held past a backward's last exchange
 
     def hand_over(self) -> None:
         with self._cond:
@@ -156,7 +162,7 @@ class Turns:
         Returns `first`'s result; an error in either is raised here after both have ended."""
         with self._cond:
             self._holder, self._live = 0, [True, True]
-        job = self._pool.submit(self._task, 1, _deferring(second) if self.delay_wgrad else second)
+        job = self._pool.submit(self._task, 1, self._deferring(second) if self.delay_wgrad else second)
         try:
             return self._task(0, first)
         finally:
@@ -169,7 +175,22 @@ class Turns:
         """Run an unpaired full backward (the pipeline's cool-down, or pp = 1's last): with
         `delay_wgrad` its experts' weight gradients are computed under its own dispatch exchanges,
         which then wait only for what the gradients do not cover."""
-        (_deferring(backward) if self.delay_wgrad else backward)()
+        (self._deferring(backward) if self.delay_wgrad else backward)()
+
+    def flush(self) -> None:
+        """Compute the weight gradients the step's last backward held past its last exchange: at the
+        end of the micro-batch loop, before the gradients are reduced."""
+        self.deferred_grads += run_weight_grads(self._carried)
+
+    def _deferring(self, backward: Callable[[], None]) -> Callable[[], None]:
+        """`backward` with its experts' weight gradients deferred to its exchanges; those held past
+        its last exchange carried to the next backward's first (or to `flush`)."""
+
+        def run() -> None:
+            with deferring_weight_grads(self._carried):
+                backward()
+
+        return run
 
     def _task(self, me: int, fn: Callable[[], Any]) -> Any:
         with self._cond:
@@ -249,16 +270,6 @@ class _Watchers:
             watched.watch()
 
 
-def _deferring(backward: Callable[[], None]) -> Callable[[], None]:
-    """`backward` with the routed experts' weight gradients deferred to its next exchange."""
-
-    def run() -> None:
-        with deferring_weight_grads():
-            backward()
-
-    return run
-
-
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
                group: Any, turns: Turns | None, collectives: Collectives, backward: bool = False,
                held: int = 0) -> None:
@@ -296,4 +307,5 @@ def run_micro_batches(forward: Callable[[int], Any], backward: Callable[[Any], N
             results.append(forward(forwards[0]))
         else:
             turns.run_alone(lambda r=results[backwards[0]]: backward(r))
+    turns.flush()
     return results
