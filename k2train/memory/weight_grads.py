@@ -14,7 +14,9 @@ that DualPipe and zero-bubble schedules use, applied inside one MoE layer.
 runtime set `SavePolicy.deferrable_wgrad`; elsewhere torch's own op, whose backward torch's
 zero-bubble weight pass handles on every supported torch): the input gradient at once, the
 weight gradient at once too unless inside `deferring_weight_grads`, where it is queued until
-`run_deferred_weight_grads` (the exchange's issue) or the end of the scope. The experts' FP8
+`run_deferred_weight_grads` (an exchange's issue, which may leave the last-queued ones for the
+next exchange) or the end of the scope (a scope given a `carried` list leaves them in it, for the
+next scope or `run_weight_grads`: the overlap runtime carries them to the next backward). The experts' FP8
 variants (fp8.py `fp8_saved_grouped_mm`, fp8_recompute.py's down-projection) form their weight
 gradients through `grouped_weight_grad` too, so K2's configuration defers them as well. A queued
 gradient reaches the weight through autograd (`torch.autograd.backward` on the weight's gradient
